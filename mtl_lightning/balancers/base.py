@@ -1,0 +1,63 @@
+"""The balancer slot: turns per-task losses (and, for gradient methods, the representations) into one scalar.
+
+The single scalar is the contract with Lightning: automatic optimisation, gradient clipping, accumulation, AMP
+scaling, DDP and FSDP keep working because the balancer never calls backward or steps an optimiser itself.
+A new method is one subclass in one file plus one YAML under ``configs/balancer/``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mtl_lightning.tasks import TaskSpec
+
+
+@dataclass
+class BalanceInput:
+    """What a balancer sees for one training step.
+
+    Attributes:
+        losses: Per-task mean losses, shape ``(T,)`` in task order; absent tasks hold a zero still connected to
+            their head.
+        present: ``(T,)`` bool, whether the task had at least one labelled row in this batch.
+        representations: Encoder output per task (the same tensor for every task under hard sharing).
+        step: The trainer's global step.
+    """
+
+    losses: Tensor
+    present: Tensor
+    representations: dict[str, Tensor] = field(default_factory=dict)
+    step: int = 0
+
+
+@dataclass
+class BalanceOutput:
+    """The scalar to backpropagate, the effective per-task weights ``(T,)`` and optional telemetry tensors."""
+
+    loss: Tensor
+    weights: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Balancer(nn.Module, ABC):
+    """Base class of all balancers; ``bind`` is called once by the module with its task specs."""
+
+    def bind(self, tasks: list[TaskSpec]) -> None:
+        """Learn the task order (and anything else the method needs from the specs)."""
+        self.task_names = [t.name for t in tasks]
+
+    @abstractmethod
+    def forward(self, inputs: BalanceInput) -> BalanceOutput:
+        """Combine the per-task losses of one step into one scalar."""
+
+
+def weighted_mean(losses: Tensor, weights: Tensor, present: Tensor) -> BalanceOutput:
+    """``Σ w_t L_t / Σ w_t`` over present tasks; weights renormalise over present tasks, never divide by zero."""
+    w = weights.to(losses.dtype) * present.to(losses.dtype)
+    norm = w / w.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+    return BalanceOutput(loss=(norm * losses).sum(), weights=norm.detach())

@@ -1,0 +1,46 @@
+"""Loss weighting with fixed weights: equal weighting (the default) and static per-task weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
+from mtl_lightning.tasks import TaskSpec
+
+
+class EqualWeighting(Balancer):
+    """The mean of the present tasks' losses (every task weighs the same)."""
+
+    def bind(self, tasks: list[TaskSpec]) -> None:
+        super().bind(tasks)
+        self.register_buffer("weights", torch.ones(len(tasks)), persistent=False)
+
+    def forward(self, inputs: BalanceInput) -> BalanceOutput:
+        return weighted_mean(inputs.losses, self.weights, inputs.present)
+
+
+class StaticWeighting(Balancer):
+    """A weighted mean with fixed weights: each task's ``weight`` from its spec, or ``weights`` given here.
+
+    Args:
+        weights: Optional ``{task: weight}`` overriding the specs' weights for the tasks it names.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None):
+        super().__init__()
+        self.overrides = dict(weights or {})
+
+    def bind(self, tasks: list[TaskSpec]) -> None:
+        super().bind(tasks)
+        unknown = sorted(set(self.overrides) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"StaticWeighting: weights given for unknown tasks {unknown}; tasks are {self.task_names}")
+        values = [float(self.overrides.get(t.name, t.weight)) for t in tasks]
+        if any(v < 0 for v in values) or not any(v > 0 for v in values):
+            raise ValueError(f"StaticWeighting: weights must be >= 0 with at least one > 0, got {values}")
+        self.register_buffer("weights", torch.tensor(values), persistent=False)
+
+    def forward(self, inputs: BalanceInput) -> BalanceOutput:
+        return weighted_mean(inputs.losses, self.weights, inputs.present)

@@ -1,0 +1,57 @@
+"""The ``mtl`` command: LightningCLI with multi-task links between the data and the model.
+
+``mtl fit|validate|test|predict --config configs/quickstart.yaml``. Tasks are declared once, in the data section;
+the CLI links them (and the input shape) into the model. Config files stack (a later ``--config`` wins) and a
+group can be replaced by its own file, e.g. ``--trainer configs/trainer/gpu.yaml``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+class MTLCLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data, with the data's tasks linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
+        parser.link_arguments(
+            "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
+        )
+
+
+def _with_default_config(args: list[str]) -> list[str]:
+    """Run the quickstart when a subcommand is given without any ``--config``."""
+    if not args or args[0].startswith("-") or any(a == "--config" or a.startswith("--config=") for a in args):
+        return args
+    if not QUICKSTART.exists() or any(a in ("-h", "--help") for a in args):
+        return args
+    return [args[0], "--config", str(QUICKSTART), *args[1:]]
+
+
+def main(args: ArgsType = None) -> MTLCLI:
+    """Entry point of ``mtl`` and ``python -m mtl_lightning``; pass ``args`` to run it in-process (tests)."""
+    if args is None:
+        # Edit sys.argv rather than passing args: LightningCLI warns when both are given.
+        sys.argv[1:] = _with_default_config(sys.argv[1:])
+    elif isinstance(args, list):
+        args = _with_default_config(args)
+    return MTLCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def console_main() -> None:
+    """Console-script entry point (``mtl``): like :func:`main` but returns nothing, so the exit code is 0."""
+    main()

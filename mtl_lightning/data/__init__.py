@@ -1,0 +1,14 @@
+"""Multi-task data modules: the base class, in-memory datasets and the built-in data sources."""
+
+from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
+from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.synthetic import SyntheticDataModule
+
+__all__ = [
+    "DataError",
+    "MultiTaskDataModule",
+    "MultiTaskTensorDataset",
+    "SyntheticDataModule",
+    "collate_batch",
+    "split_indices",
+]

@@ -1,0 +1,150 @@
+"""Base class of multi-task data modules: task specs, input shape, deterministic splits and data loaders."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.targets import check_targets
+from mtl_lightning.tasks import TaskSpec, parse_tasks
+
+SPLITS = ("train", "val", "test", "predict")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class DataError(ValueError):
+    """The data does not fit the declared tasks or the split settings."""
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[Tensor]:
+    """Shuffle ``range(n)`` with ``seed`` and cut it into consecutive parts of the given fractions (the rest
+    is the first part), so a split depends only on ``n``, the fractions and the seed."""
+    if any(f < 0 for f in fractions) or sum(fractions) >= 1:
+        raise DataError(f"split fractions must be >= 0 and sum to < 1, got {list(fractions)}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sizes = [round(n * f) for f in fractions]
+    parts, start = [], n - sum(sizes)
+    parts.append(perm[:start])
+    for size in sizes:
+        parts.append(perm[start : start + size])
+        start += size
+    return parts
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Yields batches ``{"inputs": x, "targets": {task: y}}``; subclasses only build the datasets.
+
+    Subclasses implement :meth:`build_datasets` (returning datasets for some of ``train``, ``val``, ``test``,
+    ``predict``) and :attr:`input_shape`. The CLI links ``tasks`` and ``input_shape`` into the model.
+
+    Args:
+        tasks: The task specs (declared here, once, and linked into the model).
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for val/test/predict (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory for faster transfers to a GPU.
+        persistent_workers: Keep workers alive between epochs (needs ``num_workers > 0``).
+        seed: Seed of the train/val/test split, independent of the training seed.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise DataError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if persistent_workers and num_workers == 0:
+            raise DataError("persistent_workers=True needs num_workers > 0")
+        self.tasks: list[TaskSpec] = parse_tasks(tasks)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.seed = seed
+        self._datasets: dict[str, Dataset] | None = None
+
+    # ------------------------------------------------------------------------------------ for subclasses
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample, linked into the encoder's ``input_shape``."""
+
+    @abstractmethod
+    def build_datasets(self) -> dict[str, Dataset]:
+        """Datasets by split name; ``predict`` defaults to ``test``."""
+
+    # -------------------------------------------------------------------------------------------- set-up
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        """The validated datasets (built on first use, once per process)."""
+        if self._datasets is None:
+            datasets = dict(self.build_datasets())
+            datasets.setdefault("predict", datasets.get("test"))
+            self._datasets = {k: v for k, v in datasets.items() if v is not None}
+            for split, ds in self._datasets.items():
+                self._validate(split, ds)
+        return self._datasets
+
+    def setup(self, stage: str) -> None:
+        for split in _STAGE_SPLITS.get(stage, ()):
+            if split not in self.datasets:
+                raise DataError(f"{type(self).__name__} has no {split!r} split, which stage {stage!r} needs")
+
+    def _validate(self, split: str, ds: Dataset) -> None:
+        n = len(ds)  # type: ignore[arg-type]
+        if n == 0:
+            raise DataError(
+                f"the {split!r} split is empty: give more rows or change the split fractions of "
+                f"{type(self).__name__}"
+            )
+        if not isinstance(ds, MultiTaskTensorDataset):
+            return
+        specs = {t.name: t for t in self.tasks}
+        if split == "train":
+            absent = sorted(set(specs) - set(ds.targets))
+            if absent:
+                raise DataError(
+                    f"tasks {absent} are declared but the training data has no targets for them; "
+                    f"targets found: {sorted(ds.targets)}. Fix the task names or the data's target columns"
+                )
+        check_targets(specs, ds.targets, n, f"the {split!r} split", values=True)
+
+    # ------------------------------------------------------------------------------------------- loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_batch if isinstance(ds, MultiTaskTensorDataset) else default_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

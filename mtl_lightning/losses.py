@@ -1,0 +1,66 @@
+"""Per-task losses with missing-label masking.
+
+Every loss is built with ``reduction="none"`` and reduced here over labelled entries only. Missing entries are
+filled with a harmless value and zeroed by the mask rather than removed by boolean indexing: no host sync, and a
+task with no labelled row still produces a (zero) loss connected to its head, so DDP never sees an unused
+parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mtl_lightning._imports import import_from_path
+from mtl_lightning.tasks import TaskSpec
+from mtl_lightning.targets import label_mask
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "bce": nn.BCEWithLogitsLoss,
+    "ce": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "huber": nn.HuberLoss,
+    "smooth_l1": nn.SmoothL1Loss,
+}
+
+
+def build_loss(spec: TaskSpec) -> nn.Module:
+    """Instantiate the task's loss with ``reduction='none'``; list arguments become tensors (``pos_weight``)."""
+    name = spec.loss_name
+    cls = LOSSES.get(name) or import_from_path(name, f"task {spec.name!r}: loss")
+    kwargs: dict[str, Any] = {
+        k: torch.tensor(v, dtype=torch.float32) if isinstance(v, (list, tuple)) else v
+        for k, v in spec.loss_args.items()
+    }
+    try:
+        return cls(reduction="none", **kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"task {spec.name!r}: loss {name!r} could not be built with reduction='none' and {spec.loss_args} "
+            f"({err}); losses must accept reduction='none' so missing labels can be masked"
+        ) from err
+
+
+def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (sum of the loss over labelled entries, number of labelled entries) for one task.
+
+    ``output`` is the head's output in canonical shape, ``target`` the canonical target. The mean loss is
+    ``sum / max(count, 1)``; keeping both lets epoch-level means weight every labelled row equally.
+    """
+    mask = label_mask(spec, target)
+    filled = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    if not spec.integer_targets:
+        filled = filled.to(output.dtype)
+    per_entry = loss_fn(output, filled)
+    if per_entry.shape != mask.shape:
+        raise ValueError(
+            f"task {spec.name!r}: loss {spec.loss_name!r} returned shape {tuple(per_entry.shape)} for targets of "
+            f"shape {tuple(mask.shape)}; with reduction='none' it must return one value per target entry"
+        )
+    # where() rather than a product: 0 * inf would be NaN for a filled-in entry.
+    total = torch.where(mask, per_entry, torch.zeros((), dtype=per_entry.dtype, device=per_entry.device)).sum()
+    return total, mask.sum()

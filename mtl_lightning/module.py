@@ -1,0 +1,298 @@
+"""The multi-task LightningModule: a shared encoder, one head per task, masked per-task losses and metrics.
+
+Flow of one batch ``{"inputs": x, "targets": {task: y}}``::
+
+    z = encoder(x)                  # one tensor, or {task: tensor} for per-task representations
+    out_t = heads[t](z_t)           # nn.ModuleDict keyed by task name
+    L_t = masked loss_t(out_t, y_t) # only labelled rows; absent tasks give a zero still tied to their head
+    loss = balancer(L, z)           # one scalar: Lightning does backward, clipping, AMP, DDP/FSDP sync
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
+from mtl_lightning.heads import build_head
+from mtl_lightning.loss_tracker import TaskLossMean
+from mtl_lightning.losses import build_loss, masked_loss
+from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update, predictions
+from mtl_lightning.monitoring import check_monitors
+from mtl_lightning.targets import canonical_target, check_targets
+from mtl_lightning.tasks import TaskSpec, parse_tasks
+
+STAGES = ("train", "val", "test")
+# Constructor arguments that are objects (modules, callables). They are kept in the checkpoint's hparams only as
+# the config that built them (when built from a config); a bare object is not stored, so checkpoints stay
+# loadable with torch.load(weights_only=True).
+_OBJECT_ARGS = ("encoder", "balancer", "optimizer", "lr_scheduler")
+
+
+class MultiTaskModule(LightningModule):
+    """A shared encoder and one head per task, trained on the balancer's combination of the task losses.
+
+    Args:
+        encoder: Any ``nn.Module`` exposing ``out_features`` (an int, or ``{task: int}`` when it returns one
+            representation per task). Its ``input_shape`` is linked from the data module by the CLI.
+        tasks: Task specs; linked from the data module by the CLI, so a task is declared once.
+        balancer: Turns per-task losses into one scalar; default: static weights from the specs (all 1 =
+            equal weighting).
+        optimizer: Optimizer factory, e.g. ``torch.optim.AdamW`` with its ``init_args`` in YAML.
+        lr_scheduler: Optional LR scheduler factory.
+        lr_scheduler_interval: Step the scheduler every ``epoch`` or ``step``.
+        lr_scheduler_monitor: Metric for schedulers that need one (ReduceLROnPlateau).
+        train_metrics: Update per-task metrics on training batches (set False to save time on huge runs).
+        check_finite: Stop with an error naming the task as soon as a task loss is NaN/inf, before the
+            weights are updated (costs one host sync per step on accelerators).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tasks: Sequence[TaskSpec],
+        balancer: Balancer | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        train_metrics: bool = True,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        specs = parse_tasks(tasks)
+        self._save_plain_hparams(specs)
+        self.tasks: dict[str, TaskSpec] = {s.name: s for s in specs}
+        self.encoder = encoder
+        widths = self._representation_widths(encoder)
+        self.heads = nn.ModuleDict({s.name: build_head(s, widths[s.name]) for s in specs})
+        self.losses = nn.ModuleDict({s.name: build_loss(s) for s in specs})
+        self.balancer = balancer if balancer is not None else StaticWeighting()
+        self.balancer.bind(specs)
+        self.train_metrics = nn.ModuleDict({s.name: build_metrics(s, "train") for s in specs})
+        self.val_metrics = nn.ModuleDict({s.name: build_metrics(s, "val") for s in specs})
+        self.test_metrics = nn.ModuleDict({s.name: build_metrics(s, "test") for s in specs})
+        # Separate attributes, not a ModuleDict: "train" is a method name that ModuleDict keys may not take.
+        self.train_loss_mean = TaskLossMean(len(specs))
+        self.val_loss_mean = TaskLossMean(len(specs))
+        self.test_loss_mean = TaskLossMean(len(specs))
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.update_train_metrics = train_metrics
+        self.check_finite = check_finite
+        self.register_buffer("static_weights", torch.tensor([s.weight for s in specs]), persistent=False)
+        self._values_checked: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _save_plain_hparams(self, specs: list[TaskSpec]) -> None:
+        with warnings.catch_warnings():
+            # Objects are dropped just below; Lightning's advice to ignore them would also drop the configs.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        self.hparams["tasks"] = [s.to_dict() for s in specs]
+        for key in _OBJECT_ARGS:
+            if key in self.hparams and not isinstance(self.hparams[key], (dict, str, type(None))):
+                del self.hparams[key]
+
+    def _representation_widths(self, encoder: nn.Module) -> dict[str, int]:
+        width = getattr(encoder, "out_features", None)
+        if isinstance(width, Mapping):
+            missing = sorted(set(self.tasks) - set(width))
+            if missing:
+                raise ValueError(f"encoder {type(encoder).__name__}.out_features has no width for tasks {missing}")
+            return {name: int(width[name]) for name in self.tasks}
+        if not isinstance(width, int):
+            raise TypeError(
+                f"encoder {type(encoder).__name__} must expose `out_features` (the width of its representation, "
+                "an int or a {task: int} dict) so the task heads can be built"
+            )
+        return dict.fromkeys(self.tasks, width)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    # -------------------------------------------------------------------------------------------- forward
+    def representations(self, inputs: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The encoder's output as one representation per task (shared tensors under hard sharing)."""
+        z = self.encoder(inputs)
+        if isinstance(z, Mapping):
+            return {name: z[name] for name in self.tasks}
+        return dict.fromkeys(self.tasks, z)
+
+    def head_outputs(self, reps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Raw head outputs in canonical shape: ``(N,)`` for one output, ``(N, K)`` otherwise."""
+        outputs = {}
+        for name, spec in self.tasks.items():
+            out = self.heads[name](reps[name])
+            outputs[name] = out.squeeze(-1) if spec.num_outputs == 1 and spec.kind != "multilabel" else out
+        return outputs
+
+    def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Raw outputs (logits for classification) per task."""
+        return self.head_outputs(self.representations(inputs))
+
+    # -------------------------------------------------------------------------------------- loss and steps
+    def _unpack(self, batch: Any, stage: str) -> tuple[Any, dict[str, Tensor]]:
+        if not isinstance(batch, Mapping) or "inputs" not in batch:
+            raise TypeError(
+                f"{stage} batch must be a dict {{'inputs': ..., 'targets': {{task: tensor}}}}, got "
+                f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}"
+            )
+        targets = dict(batch.get("targets") or {})
+        if stage not in self._values_checked:
+            # Full label-value check (one host sync) on the first batch of each stage; shapes are checked always.
+            inputs = batch["inputs"]
+            first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
+            check_targets(self.tasks, targets, first.shape[0], f"the first {stage} batch", values=True)
+            self._values_checked.add(stage)
+        elif set(targets) - set(self.tasks):
+            check_targets(self.tasks, targets, 0, f"a {stage} batch", values=False)
+        return batch["inputs"], targets
+
+    def task_losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-task (sum over labelled entries, labelled count), each ``(T,)`` in task order."""
+        sums, counts = [], []
+        for name, spec in self.tasks.items():
+            out = outputs[name]
+            if name in targets:
+                s, c = masked_loss(self.losses[name], spec, out, canonical_target(spec, targets[name]))
+            else:  # absent task: a zero that still touches the head, so DDP sees every parameter used
+                s, c = out.sum() * 0.0, torch.zeros((), dtype=torch.long, device=out.device)
+            sums.append(s)
+            counts.append(c)
+        return torch.stack(sums).float(), torch.stack(counts)
+
+    def _update_metrics(self, stage: str, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:
+        collections = getattr(self, f"{stage}_metrics")
+        for name, target in targets.items():
+            spec = self.tasks[name]
+            preds, target = metric_inputs(spec, outputs[name].float(), canonical_target(spec, target))
+            metric_update(collections[name], spec, preds, target)
+
+    def _raise_nonfinite(self, means: Tensor) -> None:
+        bad = [name for name, ok in zip(self.tasks, torch.isfinite(means).tolist()) if not ok]
+        raise FloatingPointError(
+            f"the loss of task(s) {bad} became {means[~torch.isfinite(means)].tolist()} at step "
+            f"{self.global_step}; training stopped before the weights were updated. Lower the learning rate, "
+            "enable gradient clipping (trainer.gradient_clip_val), or check those tasks' targets for inf/huge values"
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = self._unpack(batch, "train")
+        reps = self.representations(inputs)
+        outputs = self.head_outputs(reps)
+        sums, counts = self.task_losses(outputs, targets)
+        means = sums / counts.clamp_min(1)
+        if self.check_finite and not bool(torch.isfinite(means).all()):
+            self._raise_nonfinite(means)
+        result = self.balancer(BalanceInput(means, counts > 0, reps, self.global_step))
+        self.train_loss_mean.update(sums, counts)
+        if self.update_train_metrics:
+            self._update_metrics("train", outputs, targets)
+        self._log_train_step(result.loss, means, result.weights, result.logs)
+        return result.loss
+
+    def _log_train_step(self, loss: Tensor, means: Tensor, weights: Tensor, extra: Mapping[str, Tensor]) -> None:
+        # One stacked tensor and one (possible) cross-rank reduction instead of one per logged name.
+        values = self.trainer.strategy.reduce(torch.cat([loss.detach()[None], means.detach(), weights]), "mean")
+        logs = {"train/loss": values[0]}
+        n = len(self.tasks)
+        for i, name in enumerate(self.tasks):
+            logs[f"train/{name}/loss"] = values[1 + i]
+            logs[f"train/balance/weight/{name}"] = values[1 + n + i]
+        logs.update({f"train/balance/{k}": v for k, v in extra.items()})
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        inputs, targets = self._unpack(batch, stage)
+        outputs = self(inputs)
+        sums, counts = self.task_losses(outputs, targets)
+        getattr(self, f"{stage}_loss_mean").update(sums, counts)
+        self._update_metrics(stage, outputs, targets)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Per-task predictions: probabilities for classification, values for regression."""
+        inputs = batch["inputs"] if isinstance(batch, Mapping) else batch
+        return {name: predictions(self.tasks[name], out) for name, out in self(inputs).items()}
+
+    # ----------------------------------------------------------------------------------- epoch-level logs
+    def _log_epoch(self, stage: str) -> None:
+        tracker = getattr(self, f"{stage}_loss_mean")
+        means, counts = tracker.compute()
+        tracker.reset()
+        labelled = counts > 0
+        logs: dict[str, Tensor] = {}
+        if stage != "train":
+            # The epoch loss of an evaluation stage: static-weighted mean of the per-task epoch means.
+            w = self.static_weights.to(means.dtype) * labelled
+            logs[f"{stage}/loss"] = (torch.nan_to_num(means) * w).sum() / w.sum().clamp_min(1e-12)
+            logs.update({f"{stage}/{name}/loss": means[i] for i, name in enumerate(self.tasks)})
+        collections = getattr(self, f"{stage}_metrics")
+        if stage != "train" or self.update_train_metrics:
+            for i, name in enumerate(self.tasks):
+                if bool(labelled[i]):
+                    logs.update(collections[name].compute())
+                collections[name].reset()
+        self.log_dict({k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def logged_metric_names(self, stage: str | None = None) -> list[str]:
+        """Every name this module logs (per stage), for checking ``monitor`` settings before training."""
+        names = []
+        for st in [stage] if stage else STAGES:
+            names.append(f"{st}/loss" if st != "train" else "train/loss")
+            for name, spec in self.tasks.items():
+                names.append(f"{st}/{name}/loss")
+                if st != "train" or self.update_train_metrics:
+                    names += [f"{st}/{name}/{key}" for key in getattr(self, f"{st}_metrics")[name].keys(keep_base=True)]
+        return names
+
+    # ------------------------------------------------------------------------------------ lightning hooks
+    def setup(self, stage: str) -> None:
+        self._values_checked.clear()
+        if self._trainer is not None:
+            check_monitors(self.trainer, self.logged_metric_names(), self.lr_scheduler_monitor if self.lr_scheduler else None)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Task names from the head weights the checkpoint holds, in their order (the order of the ModuleDict).
+        saved = list(dict.fromkeys(k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("heads.")))
+        if saved and saved != self.task_names:
+            raise ValueError(
+                f"the checkpoint was trained on tasks {saved} but this model declares {self.task_names}. Use the "
+                "config the checkpoint was trained with (it is saved next to its logs as config.yaml), or start "
+                "from it with new tasks via transfer learning instead of --ckpt_path"
+            )
