@@ -13,6 +13,8 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from mtl_lightning import errors
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
 
@@ -24,6 +26,17 @@ class MTLCLI(LightningCLI):
         parser.link_arguments(
             "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
         )
+
+    def instantiate_classes(self) -> None:
+        mark = errors.marker()
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            # Surface our own message instead of jsonargparse's nested "Union subtypes" report.
+            ours = errors.created_since(mark)
+            if ours and not isinstance(err, errors.ConfigError):
+                raise ours[0] from None
+            raise
 
 
 def _with_default_config(args: list[str]) -> list[str]:
@@ -53,5 +66,9 @@ def main(args: ArgsType = None) -> MTLCLI:
 
 
 def console_main() -> None:
-    """Console-script entry point (``mtl``): like :func:`main` but returns nothing, so the exit code is 0."""
-    main()
+    """Console-script entry point (``mtl``): like :func:`main`, but bad input ends with one line and exit code 2."""
+    try:
+        main()
+    except errors.ConfigError as err:
+        print(f"mtl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from mtl_lightning.errors import ConfigError
+
 
 def _monitors(trainer: Trainer) -> Iterable[tuple[str, str]]:
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
@@ -20,7 +22,7 @@ def _monitors(trainer: Trainer) -> Iterable[tuple[str, str]]:
 
 
 def check_monitors(trainer: Trainer, logged: list[str], scheduler_monitor: str | None = None) -> None:
-    """Raise ``ValueError`` naming every monitored metric that is not in ``logged``."""
+    """Raise ``ConfigError`` naming every monitored metric that is not in ``logged``."""
     wanted = list(_monitors(trainer))
     if scheduler_monitor:
         wanted.append(("lr_scheduler_monitor", scheduler_monitor))
@@ -30,6 +32,6 @@ def check_monitors(trainer: Trainer, logged: list[str], scheduler_monitor: str |
             continue
         close = difflib.get_close_matches(name, logged, n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"{owner} monitors {name!r}, which this model never logs.{hint} Logged names: {sorted(known)}"
         )

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
 
 
-class TargetError(ValueError):
+class TargetError(ConfigError):
     """A target tensor does not match its task's spec."""
 
 

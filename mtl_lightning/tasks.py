@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from mtl_lightning.errors import ConfigError
+
 KINDS = ("binary", "multiclass", "multilabel", "regression")
 """The task kinds this template knows; each gives defaults for head, loss and metrics."""
 
@@ -34,7 +36,7 @@ DEFAULT_METRICS = {
 }
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(ConfigError):
     """A task specification, or a list of them, is invalid."""
 
 

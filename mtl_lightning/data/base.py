@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.targets import check_targets
 from mtl_lightning.tasks import TaskSpec, parse_tasks
 
@@ -19,7 +20,7 @@ SPLITS = ("train", "val", "test", "predict")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """The data does not fit the declared tasks or the split settings."""
 
 
