@@ -205,3 +205,14 @@ def test_checkpoint_with_other_tasks_is_refused(trained: dict, tmp_path: Path) -
     args = ["validate", *trained["args"], "--data.init_args.tasks", tasks, "--ckpt_path", str(trained["ckpt"].best_model_path)]
     with pytest.raises(ValueError, match=r"trained on tasks \['purchase', 'segment', 'spend'\]"):
         run_cli(args, tmp_path)
+
+
+def test_same_seed_gives_identical_runs(tmp_path: Path) -> None:
+    args = ["fit", "--config", str(QUICKSTART), *SMALL_DATA, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    args += ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    first = run_cli(args, tmp_path / "a").model.state_dict()
+    second = run_cli(args, tmp_path / "b").model.state_dict()
+    other = run_cli([*args, "--seed_everything", "7"], tmp_path / "c").model.state_dict()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+    assert not torch.equal(first["encoder.net.0.weight"], other["encoder.net.0.weight"])

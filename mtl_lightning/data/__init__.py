@@ -3,12 +3,14 @@
 from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
 from mtl_lightning.data.synthetic import SyntheticDataModule
+from mtl_lightning.data.tabular import TabularDataModule
 
 __all__ = [
     "DataError",
     "MultiTaskDataModule",
     "MultiTaskTensorDataset",
     "SyntheticDataModule",
+    "TabularDataModule",
     "collate_batch",
     "split_indices",
 ]
