@@ -27,21 +27,42 @@ def run(correlation: float, seed: int, weights: dict[str, float] | None, args: a
 
     with tempfile.TemporaryDirectory() as root:
         cli_args = [
-            "--config", str(REPO / "configs" / "quickstart.yaml"),
-            "--seed_everything", str(seed),
-            "--data.init_args.seed", str(seed),
-            "--data.init_args.correlation", str(correlation),
-            "--data.init_args.num_samples", str(args.num_samples),
-            "--data.init_args.val_fraction", "0.2", "--data.init_args.test_fraction", "0.4",
-            "--data.init_args.missing_rate", "0",
-            "--trainer.max_epochs", str(args.epochs),
-            "--model.init_args.lr_scheduler.init_args.T_max", str(args.epochs),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", root, "--trainer.default_root_dir", root,
+            "--config",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--seed_everything",
+            str(seed),
+            "--data.init_args.seed",
+            str(seed),
+            "--data.init_args.correlation",
+            str(correlation),
+            "--data.init_args.num_samples",
+            str(args.num_samples),
+            "--data.init_args.val_fraction",
+            "0.2",
+            "--data.init_args.test_fraction",
+            "0.4",
+            "--data.init_args.missing_rate",
+            "0",
+            "--trainer.max_epochs",
+            str(args.epochs),
+            "--model.init_args.lr_scheduler.init_args.T_max",
+            str(args.epochs),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            root,
+            "--trainer.default_root_dir",
+            root,
         ]
         if weights is not None:
-            cli_args += ["--model.init_args.balancer", "mtl_lightning.balancers.StaticWeighting",
-                         "--model.init_args.balancer.init_args.weights", json.dumps(weights)]
+            cli_args += [
+                "--model.init_args.balancer",
+                "mtl_lightning.balancers.StaticWeighting",
+                "--model.init_args.balancer.init_args.weights",
+                json.dumps(weights),
+            ]
         fit = main(["fit", *cli_args])
         test = main(["test", *cli_args, "--ckpt_path", fit.trainer.checkpoint_callback.best_model_path])
         metrics = test.trainer.callback_metrics
@@ -66,10 +87,20 @@ def main() -> None:
             for task in SCORES:
                 stl.update(run(corr, seed, {t: float(t == task) for t in SCORES}, args))
             for task in SCORES:
-                rows.append({"correlation": corr, "seed": seed, "task": task, "metric": SCORES[task],
-                             "single_task": stl[task], "multi_task": mtl[task]})
-            print(f"corr={corr} seed={seed} " + " ".join(f"{t}: stl={stl[t]:.4f} mtl={mtl[t]:.4f}" for t in SCORES),
-                  file=sys.stderr)
+                rows.append(
+                    {
+                        "correlation": corr,
+                        "seed": seed,
+                        "task": task,
+                        "metric": SCORES[task],
+                        "single_task": stl[task],
+                        "multi_task": mtl[task],
+                    }
+                )
+            print(
+                f"corr={corr} seed={seed} " + " ".join(f"{t}: stl={stl[t]:.4f} mtl={mtl[t]:.4f}" for t in SCORES),
+                file=sys.stderr,
+            )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
@@ -84,10 +115,12 @@ def main() -> None:
             sel = [r for r in rows if r["correlation"] == corr and r["task"] == task]
             stl = [r["single_task"] for r in sel]
             mtl = [r["multi_task"] for r in sel]
-            delta = [m - s for m, s in zip(mtl, stl)]
+            delta = [m - s for m, s in zip(mtl, stl, strict=True)]
             sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
-            print(f"| {corr} | {task} ({SCORES[task]}) | {statistics.mean(stl):.4f} | {statistics.mean(mtl):.4f} "
-                  f"| {statistics.mean(delta):+.4f} ± {sd:.4f} |")
+            print(
+                f"| {corr} | {task} ({SCORES[task]}) | {statistics.mean(stl):.4f} | {statistics.mean(mtl):.4f} "
+                f"| {statistics.mean(delta):+.4f} ± {sd:.4f} |"
+            )
     print(f"\nraw numbers: {args.out}")
 
 

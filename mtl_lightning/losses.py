@@ -15,8 +15,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning._imports import import_from_path
-from mtl_lightning.tasks import TaskSpec
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.targets import label_mask
+from mtl_lightning.tasks import TaskSpec
 
 LOSSES: dict[str, type[nn.Module]] = {
     "bce": nn.BCEWithLogitsLoss,
@@ -39,7 +40,7 @@ def build_loss(spec: TaskSpec) -> nn.Module:
     try:
         return cls(reduction="none", **kwargs)
     except TypeError as err:
-        raise ValueError(
+        raise ConfigError(
             f"task {spec.name!r}: loss {name!r} could not be built with reduction='none' and {spec.loss_args} "
             f"({err}); losses must accept reduction='none' so missing labels can be masked"
         ) from err
@@ -55,9 +56,14 @@ def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tens
     filled = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
     if not spec.integer_targets:
         filled = filled.to(output.dtype)
+    # Unlabelled outputs are zeroed too: an inf/NaN there (e.g. an fp16 overflow) would otherwise give a NaN
+    # gradient (the loss's local derivative times the masked zero). where() keeps the head in the graph.
+    if output.shape[: mask.ndim] == mask.shape:
+        out_mask = mask.reshape(mask.shape + (1,) * (output.ndim - mask.ndim))
+        output = torch.where(out_mask, output, torch.zeros((), dtype=output.dtype, device=output.device))
     per_entry = loss_fn(output, filled)
     if per_entry.shape != mask.shape:
-        raise ValueError(
+        raise ConfigError(
             f"task {spec.name!r}: loss {spec.loss_name!r} returned shape {tuple(per_entry.shape)} for targets of "
             f"shape {tuple(mask.shape)}; with reduction='none' it must return one value per target entry"
         )

@@ -6,6 +6,7 @@ boolean indexing (no host sync). Regression metrics cannot ignore entries, so on
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from mtl_lightning._imports import import_from_path
-from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.targets import label_mask
+from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
 
 # name -> (torchmetrics task-wrapper class, default kwargs for multiclass/multilabel)
 CLASSIFICATION_METRICS: dict[str, tuple[type[Metric], dict[str, Any]]] = {
@@ -57,13 +59,15 @@ def _build_metric(spec: TaskSpec, name: str) -> Metric:
         return cls(**kwargs)
     other = CLASSIFICATION_METRICS if table is REGRESSION_METRICS else REGRESSION_METRICS
     if name in other:
-        raise ValueError(
-            f"task {spec.name!r}: metric {name!r} does not apply to a {spec.kind} task; "
-            f"use one of {sorted(table)}"
+        raise ConfigError(
+            f"task {spec.name!r}: metric {name!r} does not apply to a {spec.kind} task; use one of {sorted(table)}"
         )
     cls = import_from_path(name, f"task {spec.name!r}: metric")
     if not (isinstance(cls, type) and issubclass(cls, Metric)):
-        raise ValueError(f"task {spec.name!r}: metric {name!r} is not a torchmetrics.Metric class")
+        raise ConfigError(f"task {spec.name!r}: metric {name!r} is not a torchmetrics.Metric class")
+    if spec.is_classification and "ignore_index" in inspect.signature(cls).parameters:
+        # Missing labels reach classification metrics as -100; without this they fail their value checks.
+        user_args.setdefault("ignore_index", IGNORE_INDEX)
     return cls(**user_args)
 
 
@@ -97,7 +101,7 @@ def metric_inputs(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tenso
 def metric_update(collection: MetricCollection, spec: TaskSpec, preds: Tensor, target: Tensor) -> None:
     """Update a task's metrics; regression metrics other than R2 see flattened multi-output values."""
     if spec.kind == "regression" and preds.ndim == 2:
-        for key, metric in collection.items(keep_base=True, copy_state=False):
+        for metric in collection.values(copy_state=False):
             if isinstance(metric, torchmetrics.R2Score):
                 metric.update(preds, target)
             else:

@@ -77,7 +77,7 @@ class TaskSpec:
     head_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_PATTERN.fullmatch(self.name):  # '$' alone accepts 'a\n'
             raise TaskSpecError(
                 f"task name {self.name!r} is not allowed: use letters, digits, '_' or '-', starting with a "
                 "letter or '_' (no dots or slashes, which would break module keys and log names)"
@@ -88,9 +88,7 @@ class TaskSpec:
                 f"(e.g. {self.name + '_task'!r})"
             )
         if self.kind not in KINDS:
-            raise TaskSpecError(
-                f"task {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}"
-            )
+            raise TaskSpecError(f"task {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
         self.num_outputs = self._checked_num_outputs()
         if not self.weight >= 0:
             raise TaskSpecError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
@@ -161,6 +159,9 @@ class TaskSpec:
             raise TaskSpecError(
                 f"task {spec.get('name', '?')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
             )
+        missing = sorted({"name", "kind"} - set(spec))
+        if missing:
+            raise TaskSpecError(f"task {spec.get('name', '?')!r}: missing required keys {missing}")
         return cls(**spec)
 
 

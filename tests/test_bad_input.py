@@ -34,8 +34,13 @@ class ArrayDataModule(MultiTaskDataModule):
 
 def _fit(module: MultiTaskModule, dm, root: Path, **kwargs) -> Trainer:
     trainer = Trainer(
-        default_root_dir=root, max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", monitor="val/loss", save_last=True)], **kwargs,
+        default_root_dir=root,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", monitor="val/loss", save_last=True)],
+        **kwargs,
     )
     trainer.fit(module, datamodule=dm)
     return trainer
@@ -57,11 +62,19 @@ def test_nonfinite_loss_names_the_task_and_leaves_no_checkpoint(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("task", "target", "match"),
     [
-        (TaskSpec("c", "multiclass", num_outputs=3), torch.tensor([0, 1, 5, 2] * 4), r"must be in \[0, 3\).*\[0, 5\]"),
+        (
+            TaskSpec("c", "multiclass", num_outputs=3),
+            torch.tensor([0, 1, 5, 2] * 4),
+            r"must be in \[0, 3\).*\[0, 5\]",
+        ),
         (TaskSpec("c", "multiclass", num_outputs=3), torch.zeros(16), "must be integer class indices"),
         (TaskSpec("b", "binary"), torch.tensor([0.0, 1.0, 2.0, 1.0] * 4), "must be 0 or 1"),
         (TaskSpec("r", "regression"), torch.zeros(16, 2), r"target has shape \(16, 2\), expected \(16,\)"),
-        (TaskSpec("r", "regression"), torch.zeros(12), r"same number of rows, got \{'inputs': 16, 'targets.r': 12\}"),
+        (
+            TaskSpec("r", "regression"),
+            torch.zeros(12),
+            r"same number of rows, got \{'inputs': 16, 'targets.r': 12\}",
+        ),
     ],
 )
 def test_bad_targets_are_refused_at_setup(task: TaskSpec, target: torch.Tensor, match: str, tmp_path: Path) -> None:

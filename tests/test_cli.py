@@ -64,7 +64,14 @@ def test_every_config_runs_all_subcommands(extra: list[str], tmp_path: Path) -> 
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One short quickstart fit shared by the tests below."""
     root = tmp_path_factory.mktemp("fit")
-    args = ["--config", str(QUICKSTART), "--data.init_args.num_samples", "4000", "--data.init_args.batch_size", "64"]
+    args = [
+        "--config",
+        str(QUICKSTART),
+        "--data.init_args.num_samples",
+        "4000",
+        "--data.init_args.batch_size",
+        "64",
+    ]
     args += ["--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "5"]
     args += ["--trainer.logger.init_args.save_dir", str(root / "runs")]
     cli = main(["fit", *args])
@@ -84,7 +91,11 @@ def test_tensorboard_has_per_task_train_and_val_scalars(trained: dict) -> None:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss", "val/loss", "lr-AdamW"}
-    for task, metrics in {"purchase": ["accuracy", "f1", "auroc"], "segment": ["accuracy", "f1"], "spend": ["mae", "r2"]}.items():
+    for task, metrics in {
+        "purchase": ["accuracy", "f1", "auroc"],
+        "segment": ["accuracy", "f1"],
+        "spend": ["mae", "r2"],
+    }.items():
         expected |= {f"train/{task}/loss", f"val/{task}/loss"}
         expected |= {f"{stage}/{task}/{m}" for stage in ("train", "val") for m in metrics}
     assert expected <= tags, f"missing tags: {sorted(expected - tags)}"
@@ -143,9 +154,23 @@ def test_resume_from_last_checkpoint_continues_epoch_count(trained: dict, tmp_pa
 
 def test_overfits_one_batch_to_near_zero_loss(tmp_path: Path) -> None:
     args = ["fit", "--config", str(QUICKSTART), *SMALL_DATA, "--data.init_args.batch_size", "32"]
-    args += ["--data.init_args.missing_rate", "0", "--trainer.overfit_batches", "1", "--trainer.max_epochs", "150"]
+    args += [
+        "--data.init_args.missing_rate",
+        "0",
+        "--trainer.overfit_batches",
+        "1",
+        "--trainer.max_epochs",
+        "150",
+    ]
     args += ["--model.init_args.lr_scheduler", "null", "--model.init_args.encoder.init_args.dropout", "0"]
-    args += ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
+    args += [
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+    ]
     args += ["--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
     cli = run_cli(args, tmp_path)
     assert float(cli.trainer.callback_metrics["train/loss"]) < 0.02
@@ -154,9 +179,18 @@ def test_overfits_one_batch_to_near_zero_loss(tmp_path: Path) -> None:
 def test_python_m_and_print_config(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "mtl_lightning", "fit", "--config", str(QUICKSTART), "--print_config"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
-    for key in ("seed_everything: 42", "class_path: mtl_lightning.MultiTaskModule", "name: purchase", "max_epochs:"):
+    for key in (
+        "seed_everything: 42",
+        "class_path: mtl_lightning.MultiTaskModule",
+        "name: purchase",
+        "max_epochs:",
+    ):
         assert key in out
 
 
@@ -182,9 +216,20 @@ def test_bad_task_specs_give_one_clear_error(tasks: str, match: str, tmp_path: P
 
 def test_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", "from mtl_lightning.cli import console_main; console_main()", "fit",
-         "--config", str(QUICKSTART), "--data.init_args.tasks", "[{name: a, kind: nope}]"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "from mtl_lightning.cli import console_main; console_main()",
+            "fit",
+            "--config",
+            str(QUICKSTART),
+            "--data.init_args.tasks",
+            "[{name: a, kind: nope}]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("mtl: error: task 'a': unknown kind 'nope'")
@@ -202,14 +247,37 @@ def test_monitor_that_is_never_logged_fails_before_training(tmp_path: Path) -> N
 
 def test_checkpoint_with_other_tasks_is_refused(trained: dict, tmp_path: Path) -> None:
     tasks = "[{name: purchase, kind: binary}, {name: spend, kind: regression}]"
-    args = ["validate", *trained["args"], "--data.init_args.tasks", tasks, "--ckpt_path", str(trained["ckpt"].best_model_path)]
+    args = [
+        "validate",
+        *trained["args"],
+        "--data.init_args.tasks",
+        tasks,
+        "--ckpt_path",
+        str(trained["ckpt"].best_model_path),
+    ]
     with pytest.raises(ValueError, match=r"trained on tasks \['purchase', 'segment', 'spend'\]"):
         run_cli(args, tmp_path)
 
 
 def test_same_seed_gives_identical_runs(tmp_path: Path) -> None:
-    args = ["fit", "--config", str(QUICKSTART), *SMALL_DATA, "--trainer.max_epochs", "1", "--trainer.logger", "false"]
-    args += ["--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        *SMALL_DATA,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger",
+        "false",
+    ]
+    args += [
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     first = run_cli(args, tmp_path / "a").model.state_dict()
     second = run_cli(args, tmp_path / "b").model.state_dict()
     other = run_cli([*args, "--seed_everything", "7"], tmp_path / "c").model.state_dict()

@@ -70,9 +70,7 @@ def test_single_file_statistics_come_from_the_train_rows(tmp_path):
     table = random_table()
     path = tmp_path / "t.csv"
     table.to_csv(path, index=False)
-    dm = TabularDataModule(
-        [BINARY], path=str(path), drop=["row"], val_fraction=0.2, test_fraction=0.1, seed=3
-    )
+    dm = TabularDataModule([BINARY], path=str(path), drop=["row"], val_fraction=0.2, test_fraction=0.1, seed=3)
     rows = dm.split_rows
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(len(table)))
     assert [len(rows[s]) for s in ("train", "val", "test")] == [140, 40, 20]
@@ -182,9 +180,7 @@ def test_multilabel_and_multi_output_regression_read_one_column_per_output(tmp_p
     assert dm.feature_names == ["x"]
     train = dm.datasets["train"].targets
     nan = math.nan
-    torch.testing.assert_close(
-        train["tags"], torch.tensor([[1.0, 0.0, nan], [0.0, 1.0, 1.0]]), equal_nan=True
-    )
+    torch.testing.assert_close(train["tags"], torch.tensor([[1.0, 0.0, nan], [0.0, 1.0, 1.0]]), equal_nan=True)
     torch.testing.assert_close(train["pos"], torch.tensor([[0.5, 1.5], [nan, 2.5]]), equal_nan=True)
     assert dm.datasets["val"].targets["tags"].shape == (1, 3)
 
@@ -198,9 +194,7 @@ def test_target_columns_rename(tmp_path):
 
 # ------------------------------------------------------------------------------------------- split modes
 def test_trio_of_files_gives_the_splits_and_predict_uses_test(tmp_path):
-    paths = trio(
-        tmp_path, train="x,y\n1,0\n2,1\n3,0\n4,1\n", val="x,y\n5,1\n6,0\n", test="x,y\n7,1\n8,0\n9,1\n"
-    )
+    paths = trio(tmp_path, train="x,y\n1,0\n2,1\n3,0\n4,1\n", val="x,y\n5,1\n6,0\n", test="x,y\n7,1\n8,0\n9,1\n")
     dm = TabularDataModule([BINARY], batch_size=2, **paths)
     dm.setup("fit")
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 4, "val": 2, "test": 3, "predict": 3}
@@ -287,9 +281,7 @@ def test_empty_file(tmp_path, text, match):
 
 def test_absent_columns_are_listed_with_the_available_ones(tmp_path):
     path = write(tmp_path, "t.csv", "a,b,y\n1,2,0\n")
-    with pytest.raises(
-        DataError, match=r"lacks feature columns \['c', 'd'\].*Available columns: \['a', 'b', 'y'\]"
-    ):
+    with pytest.raises(DataError, match=r"lacks feature columns \['c', 'd'\].*Available columns: \['a', 'b', 'y'\]"):
         TabularDataModule([BINARY], path=path, features=["a", "c", "d"]).input_shape  # noqa: B018
     with pytest.raises(DataError, match=r"lacks target columns \['z'\].*Available columns"):
         TabularDataModule([{"name": "z", "kind": "binary"}], path=path).input_shape  # noqa: B018
@@ -358,9 +350,7 @@ def test_bad_settings(tmp_path, kwargs, match):
 def test_number_of_target_columns_must_match_num_outputs(tmp_path):
     path = write(tmp_path, "t.csv", "x,a,b\n1,0,1\n")
     tags = {"name": "tags", "kind": "multilabel", "num_outputs": 3}
-    with pytest.raises(
-        DataError, match=r"'tags' \(multilabel, num_outputs=3\) needs 3 target columns.*got 2"
-    ):
+    with pytest.raises(DataError, match=r"'tags' \(multilabel, num_outputs=3\) needs 3 target columns.*got 2"):
         TabularDataModule([tags], path=path, target_columns={"tags": ["a", "b"]})
     with pytest.raises(DataError, match=r"needs 3 target columns.*got 1: \['tags'\]"):
         TabularDataModule([tags], path=path)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
 
@@ -36,10 +37,12 @@ class StaticWeighting(Balancer):
         super().bind(tasks)
         unknown = sorted(set(self.overrides) - set(self.task_names))
         if unknown:
-            raise ValueError(f"StaticWeighting: weights given for unknown tasks {unknown}; tasks are {self.task_names}")
+            raise ConfigError(
+                f"StaticWeighting: weights given for unknown tasks {unknown}; tasks are {self.task_names}"
+            )
         values = [float(self.overrides.get(t.name, t.weight)) for t in tasks]
         if any(v < 0 for v in values) or not any(v > 0 for v in values):
-            raise ValueError(f"StaticWeighting: weights must be >= 0 with at least one > 0, got {values}")
+            raise ConfigError(f"StaticWeighting: weights must be >= 0 with at least one > 0, got {values}")
         self.register_buffer("weights", torch.tensor(values), persistent=False)
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:

@@ -21,7 +21,9 @@ def task_table(metrics: dict[str, float], stage: str) -> Table | None:
     if not rows:
         return None
     columns = sorted({m for r in rows.values() for m in r}, key=lambda m: (m != "loss", m))
-    title = f"{stage} metrics" + (f" (total loss {float(metrics[f'{stage}/loss']):.4f})" if f"{stage}/loss" in metrics else "")
+    title = f"{stage} metrics" + (
+        f" (total loss {float(metrics[f'{stage}/loss']):.4f})" if f"{stage}/loss" in metrics else ""
+    )
     table = Table(title=title)
     table.add_column("task")
     for col in columns:

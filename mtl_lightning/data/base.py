@@ -110,8 +110,7 @@ class MultiTaskDataModule(LightningDataModule):
         n = len(ds)  # type: ignore[arg-type]
         if n == 0:
             raise DataError(
-                f"the {split!r} split is empty: give more rows or change the split fractions of "
-                f"{type(self).__name__}"
+                f"the {split!r} split is empty: give more rows or change the split fractions of {type(self).__name__}"
             )
         if not isinstance(ds, MultiTaskTensorDataset):
             return

@@ -65,8 +65,7 @@ def read_table(path: str) -> pd.DataFrame:
             frame = pd.read_csv(file, sep="\t" if file.suffix.lower() == ".tsv" else ",")
         except pd.errors.EmptyDataError as err:
             raise DataError(
-                f"data file {path!r} is empty; it needs a header line with the column names and one row per "
-                "sample"
+                f"data file {path!r} is empty; it needs a header line with the column names and one row per sample"
             ) from err
         except (pd.errors.ParserError, UnicodeDecodeError) as err:
             raise DataError(f"could not read {path!r} as CSV: {err}") from err
@@ -166,9 +165,7 @@ class TabularDataModule(MultiTaskDataModule):
         persistent_workers: bool = False,
         seed: int = 0,
     ):
-        super().__init__(
-            tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed
-        )
+        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.paths = self._checked_paths(path, train_path, val_path, test_path)
         self.single_file = path is not None
         self.fractions = (val_fraction, test_fraction)
@@ -209,9 +206,7 @@ class TabularDataModule(MultiTaskDataModule):
             )
         if path is None and train_path is None:
             if given:
-                raise DataError(
-                    f"{', '.join(given)} given without train_path: add train_path (the training table)"
-                )
+                raise DataError(f"{', '.join(given)} given without train_path: add train_path (the training table)")
             raise DataError(
                 "no data file given: set path (one file, split into train/val/test) or train_path (with "
                 "val_path/test_path)"
@@ -225,9 +220,7 @@ class TabularDataModule(MultiTaskDataModule):
         names = [t.name for t in self.tasks]
         unknown = sorted(set(mapping) - set(names))
         if unknown:
-            raise DataError(
-                f"target_columns names tasks that are not declared: {unknown}; declared tasks are {names}"
-            )
+            raise DataError(f"target_columns names tasks that are not declared: {unknown}; declared tasks are {names}")
         columns: dict[str, list[str]] = {}
         for spec in self.tasks:
             cols = mapping.get(spec.name, spec.name)
@@ -357,8 +350,7 @@ class TabularDataModule(MultiTaskDataModule):
             stray = [c for c in self.categorical if c not in features]
             if stray:
                 raise DataError(
-                    f"categorical lists columns that are not features: {stray}; features are "
-                    f"{_shown(features)}"
+                    f"categorical lists columns that are not features: {stray}; features are {_shown(features)}"
                 )
             categorical = set(self.categorical)
         self._feature_names, self._feature_stats, self._categories = [], {}, {}
@@ -373,9 +365,7 @@ class TabularDataModule(MultiTaskDataModule):
                 self._categories[col] = cats
                 self._feature_names.extend(f"{col}={c}" for c in cats)
             else:
-                values = _as_numbers(
-                    train[col], f"feature column {col!r} of {source}", self._numeric_fix(col)
-                )
+                values = _as_numbers(train[col], f"feature column {col!r} of {source}", self._numeric_fix(col))
                 seen = values[~np.isnan(values)]
                 mean = float(seen.mean()) if seen.size else 0.0
                 std = float(seen.std()) if seen.size else 1.0
@@ -398,9 +388,7 @@ class TabularDataModule(MultiTaskDataModule):
                 known = codes >= 0
                 block[np.flatnonzero(known), codes[known]] = 1.0
             else:
-                values = _as_numbers(
-                    frame[col], f"feature column {col!r} of {source}", self._numeric_fix(col)
-                )
+                values = _as_numbers(frame[col], f"feature column {col!r} of {source}", self._numeric_fix(col))
                 mean, std = self._feature_stats[col]
                 block = np.nan_to_num((values - mean) / std, nan=0.0)[:, None].astype(np.float32)
             blocks.append(block)
@@ -459,10 +447,7 @@ class TabularDataModule(MultiTaskDataModule):
             return torch.from_numpy(np.where(codes == IGNORE_INDEX, np.nan, codes).astype(np.float32))
         fix = f"fix the cells (leave a cell empty for a missing label) or the task's kind (now {spec.kind})"
         values = np.stack(
-            [
-                _as_numbers(frame[c], f"task {spec.name!r} ({spec.kind}): column {c!r} of {source}", fix)
-                for c in cols
-            ],
+            [_as_numbers(frame[c], f"task {spec.name!r} ({spec.kind}): column {c!r} of {source}", fix) for c in cols],
             axis=1,
         )
         seen = values[~np.isnan(values)]
@@ -482,9 +467,7 @@ class TabularDataModule(MultiTaskDataModule):
                     f"{where} holds values {_shown(bad)}; multiclass labels must be integers in [0, {k}) "
                     f"(num_outputs={k}) or strings (empty cell = missing). Fix the labels or num_outputs"
                 )
-            return torch.from_numpy(
-                np.where(np.isnan(values[:, 0]), IGNORE_INDEX, values[:, 0]).astype(np.int64)
-            )
+            return torch.from_numpy(np.where(np.isnan(values[:, 0]), IGNORE_INDEX, values[:, 0]).astype(np.int64))
         values = values.astype(np.float32)
         if spec.kind == "binary" or (spec.kind == "regression" and len(cols) == 1):
             values = values[:, 0]

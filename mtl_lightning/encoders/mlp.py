@@ -9,6 +9,8 @@ from typing import Literal
 import torch.nn as nn
 from torch import Tensor
 
+from mtl_lightning.errors import ConfigError
+
 NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -34,9 +36,11 @@ class MLPEncoder(nn.Module):
     ):
         super().__init__()
         if not hidden:
-            raise ValueError("MLPEncoder needs at least one hidden width, e.g. hidden: [256]")
+            raise ConfigError("MLPEncoder needs at least one hidden width, e.g. hidden: [256]")
+        if any(int(h) < 1 for h in hidden):
+            raise ConfigError(f"MLPEncoder: hidden widths must be >= 1, got {list(hidden)}")
         if norm not in NORMS or activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"MLPEncoder: norm must be one of {list(NORMS)} and activation one of {list(ACTIVATIONS)}, "
                 f"got norm={norm!r}, activation={activation!r}"
             )

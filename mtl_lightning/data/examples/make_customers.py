@@ -49,9 +49,7 @@ def make_customers(rows: int = 1000, seed: int = 7) -> pd.DataFrame:
     z_basket = (np.log(basket) - 3.4) / 0.45
 
     # plan: an ordinal score cut at two thresholds
-    score = (
-        1.1 * z_basket + 0.7 * z_visits + 0.6 * (device == "desktop") + 0.3 * z_age + rng.normal(0, 0.6, rows)
-    )
+    score = 1.1 * z_basket + 0.7 * z_visits + 0.6 * (device == "desktop") + 0.3 * z_age + rng.normal(0, 0.6, rows)
     plan_idx = np.digitize(score, [-0.3, 0.9])
     plan = np.array(PLANS)[plan_idx]
 
