@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
 from mtl_lightning.heads import build_head
-from mtl_lightning.loss_tracker import TaskLossMean
+from mtl_lightning.loss_tracker import StepAccumulator, TaskLossMean
 from mtl_lightning.losses import build_loss, masked_loss
 from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update, predictions
 from mtl_lightning.monitoring import check_monitors
@@ -83,6 +83,8 @@ class MultiTaskModule(LightningModule):
         self.train_loss_mean = TaskLossMean(len(specs))
         self.val_loss_mean = TaskLossMean(len(specs))
         self.test_loss_mean = TaskLossMean(len(specs))
+        # Per-step losses and metric inputs, fed to the trackers above and the metrics in blocks of steps.
+        self._pending = {stage: StepAccumulator() for stage in STAGES}
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -91,6 +93,7 @@ class MultiTaskModule(LightningModule):
         self.check_finite = check_finite
         self.register_buffer("static_weights", torch.tensor([s.weight for s in specs]), persistent=False)
         self._values_checked: set[str] = set()
+        self._log_every_train_step = True  # until setup() knows whether anything monitors a train/ name
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _save_plain_hparams(self, specs: list[TaskSpec]) -> None:
@@ -172,15 +175,34 @@ class MultiTaskModule(LightningModule):
             counts.append(c)
         return torch.stack(sums).float(), torch.stack(counts)
 
-    def _update_metrics(self, stage: str, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:
+    def _accumulate(
+        self,
+        stage: str,
+        sums: Tensor,
+        counts: Tensor,
+        outputs: Mapping[str, Tensor] | None,
+        targets: Mapping[str, Tensor],
+    ) -> None:
+        """Queue a step's loss sums/counts and (unless ``outputs`` is None) its metric inputs; see StepAccumulator."""
+        canonical = None if outputs is None else {n: canonical_target(self.tasks[n], t) for n, t in targets.items()}
+        if self._pending[stage].add(sums, counts, outputs, canonical):
+            self._flush(stage)
+
+    def _flush(self, stage: str) -> None:
+        """Update the stage's loss tracker and metrics with the queued steps (one update per metric)."""
+        pending = self._pending[stage]
+        if not pending.steps:
+            return
+        sums, counts, blocks = pending.take()
+        getattr(self, f"{stage}_loss_mean").update(sums, counts)
         collections = getattr(self, f"{stage}_metrics")
-        for name, target in targets.items():
+        for name, (out, target) in blocks.items():
             spec = self.tasks[name]
-            preds, target = metric_inputs(spec, outputs[name].float(), canonical_target(spec, target))
+            preds, target = metric_inputs(spec, out.float(), target)
             metric_update(collections[name], spec, preds, target)
 
     def _raise_nonfinite(self, means: Tensor) -> None:
-        bad = [name for name, ok in zip(self.tasks, torch.isfinite(means).tolist()) if not ok]
+        bad = [name for name, ok in zip(self.tasks, torch.isfinite(means).tolist(), strict=True) if not ok]
         raise FloatingPointError(
             f"the loss of task(s) {bad} became {means[~torch.isfinite(means)].tolist()} at step "
             f"{self.global_step}; training stopped before the weights were updated. Lower the learning rate, "
@@ -196,15 +218,39 @@ class MultiTaskModule(LightningModule):
         if self.check_finite and not bool(torch.isfinite(means).all()):
             self._raise_nonfinite(means)
         result = self.balancer(BalanceInput(means, counts > 0, reps, self.global_step))
-        self.train_loss_mean.update(sums, counts)
-        if self.update_train_metrics:
-            self._update_metrics("train", outputs, targets)
-        self._log_train_step(result.loss, means, result.weights, result.logs)
+        self._accumulate("train", sums, counts, outputs if self.update_train_metrics else None, targets)
+        if self._train_step_logs_wanted():
+            self._log_train_step(result.loss, means, result.weights, result.logs)
         return result.loss
 
+    def _train_step_logs_wanted(self) -> bool:
+        """Whether this training step's ``train/...`` values can reach a logger or a callback.
+
+        Lightning writes on-step values to the loggers only on the steps where ``should_update_logs`` holds (every
+        ``trainer.log_every_n_steps`` optimizer steps, and when stopping) or under ``fast_dev_run``. On the other
+        steps ``self.log`` only refreshes ``trainer.callback_metrics``, yet it costs about 0.3 ms of host time per
+        name on 2 CPU cores (Lightning wraps, moves and caches every value): the largest part of the per-step
+        overhead of small models (docs/benchmarks.md). So the step values are reduced and logged on those steps
+        only, plus the last batch of each epoch (epoch-end callbacks and ``trainer.callback_metrics`` after ``fit``
+        see the epoch's last step, as before), and on every step when a callback or the LR scheduler may read a
+        ``train/`` value between those steps (``_log_every_train_step``, set in ``setup``). The loggers receive
+        exactly what they did before. Every input here is the same on every rank, so the cross-rank reduce in
+        ``_log_train_step`` stays collective.
+        """
+        trainer = self._trainer
+        if trainer is None or self._log_every_train_step:
+            return True
+        # getattr fallbacks: a private Lightning attribute; if it moves, log every step (correct, just slower).
+        connector = getattr(trainer, "_logger_connector", None)
+        if getattr(connector, "should_update_logs", True) or trainer.fast_dev_run:
+            return True
+        return bool(getattr(trainer, "is_last_batch", True))
+
     def _log_train_step(self, loss: Tensor, means: Tensor, weights: Tensor, extra: Mapping[str, Tensor]) -> None:
-        # One stacked tensor and one (possible) cross-rank reduction instead of one per logged name.
-        values = self.trainer.strategy.reduce(torch.cat([loss.detach()[None], means.detach(), weights]), "mean")
+        # One stacked tensor and one (possible) cross-rank reduction instead of one per logged name. reduce_op by
+        # keyword: the second positional parameter of Strategy.reduce is the process group.
+        stacked = torch.cat([loss.detach()[None], means.detach(), weights.detach()])
+        values = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         logs = {"train/loss": values[0]}
         n = len(self.tasks)
         for i, name in enumerate(self.tasks):
@@ -217,8 +263,7 @@ class MultiTaskModule(LightningModule):
         inputs, targets = self._unpack(batch, stage)
         outputs = self(inputs)
         sums, counts = self.task_losses(outputs, targets)
-        getattr(self, f"{stage}_loss_mean").update(sums, counts)
-        self._update_metrics(stage, outputs, targets)
+        self._accumulate(stage, sums, counts, outputs, targets)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -233,6 +278,7 @@ class MultiTaskModule(LightningModule):
 
     # ----------------------------------------------------------------------------------- epoch-level logs
     def _log_epoch(self, stage: str) -> None:
+        self._flush(stage)
         tracker = getattr(self, f"{stage}_loss_mean")
         means, counts = tracker.compute()
         tracker.reset()
@@ -265,7 +311,7 @@ class MultiTaskModule(LightningModule):
         names = []
         for st in [stage] if stage else STAGES:
             names.append(f"{st}/loss" if st != "train" else "train/loss")
-            for name, spec in self.tasks.items():
+            for name in self.tasks:
                 names.append(f"{st}/{name}/loss")
                 if st != "train" or self.update_train_metrics:
                     names += [f"{st}/{name}/{key}" for key in getattr(self, f"{st}_metrics")[name].keys(keep_base=True)]
@@ -274,8 +320,15 @@ class MultiTaskModule(LightningModule):
     # ------------------------------------------------------------------------------------ lightning hooks
     def setup(self, stage: str) -> None:
         self._values_checked.clear()
+        for pending in self._pending.values():  # leftovers of an interrupted run
+            pending.clear()
         if self._trainer is not None:
-            check_monitors(self.trainer, self.logged_metric_names(), self.lr_scheduler_monitor if self.lr_scheduler else None)
+            scheduler_monitor = self.lr_scheduler_monitor if self.lr_scheduler else None
+            check_monitors(self.trainer, self.logged_metric_names(), scheduler_monitor)
+            # A callback that monitors a train/ name (checkpoints, early stopping, user callbacks) or formats one into
+            # a checkpoint filename may read trainer.callback_metrics after any step: then log every step.
+            reads = [getattr(cb, attr, None) for cb in self.trainer.callbacks for attr in ("monitor", "filename")]
+            self._log_every_train_step = any(isinstance(r, str) and "train/" in r for r in [*reads, scheduler_monitor])
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())

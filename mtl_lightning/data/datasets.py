@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -41,14 +42,26 @@ class MultiTaskTensorDataset(Dataset):
         return self._length
 
     def _take(self, index: Any) -> dict[str, Any]:
-        inputs = self.inputs[index] if isinstance(self.inputs, Tensor) else {k: v[index] for k, v in self.inputs.items()}
-        return {"inputs": inputs, "targets": {k: v[index] for k, v in self.targets.items()}}
+        if isinstance(index, Tensor) and index.ndim == 1 and index.dtype == torch.long:
+            # index_select is 2-3x faster than advanced indexing for rows of a CPU tensor, same result (a copy).
+            def take(v: Tensor) -> Tensor:
+                return v.index_select(0, index)
+        else:
+
+            def take(v: Tensor) -> Tensor:
+                return v[index]
+
+        inputs = take(self.inputs) if isinstance(self.inputs, Tensor) else {k: take(v) for k, v in self.inputs.items()}
+        return {"inputs": inputs, "targets": {k: take(v) for k, v in self.targets.items()}}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._take(index)
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        return self._take(torch.as_tensor(indices, dtype=torch.long))
+        if isinstance(indices, Tensor):
+            return self._take(indices.long())
+        # From a list of ints (what BatchSampler yields), numpy builds the index 3-4x faster than torch.as_tensor.
+        return self._take(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
 
     def subset(self, indices: Tensor) -> MultiTaskTensorDataset:
         """A new dataset holding the given rows (a copy, so splits do not share storage with workers)."""
