@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from mtl_lightning import errors
@@ -26,6 +28,15 @@ class MTLCLI(LightningCLI):
         parser.link_arguments(
             "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning's default RichProgressBar redraws every batch: 15-20% of a small model's step on 2 CPU cores
+        # (docs/benchmarks.md). Same bar, refreshed every 10 batches, unless the user configured a bar or none.
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            config["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         mark = errors.marker()

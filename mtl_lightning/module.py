@@ -75,7 +75,7 @@ class MultiTaskModule(LightningModule):
         self.heads = nn.ModuleDict({s.name: build_head(s, widths[s.name]) for s in specs})
         self.losses = nn.ModuleDict({s.name: build_loss(s) for s in specs})
         self.balancer = balancer if balancer is not None else StaticWeighting()
-        self.balancer.bind(specs)
+        self.balancer.bind(specs, encoder)
         self.train_metrics = nn.ModuleDict({s.name: build_metrics(s, "train") for s in specs})
         self.val_metrics = nn.ModuleDict({s.name: build_metrics(s, "val") for s in specs})
         self.test_metrics = nn.ModuleDict({s.name: build_metrics(s, "test") for s in specs})
@@ -214,14 +214,28 @@ class MultiTaskModule(LightningModule):
         reps = self.representations(inputs)
         outputs = self.head_outputs(reps)
         sums, counts = self.task_losses(outputs, targets)
-        means = sums / counts.clamp_min(1)
+        # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
+        # averaging gives exactly the single-process mean over the global batch, even when ranks hold different
+        # numbers of labelled rows (or none) for a task; `present` is then the same on every rank.
+        global_counts = self._global_counts(counts)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        means = sums * world / global_counts.clamp_min(1)
         if self.check_finite and not bool(torch.isfinite(means).all()):
             self._raise_nonfinite(means)
-        result = self.balancer(BalanceInput(means, counts > 0, reps, self.global_step))
+        log_now = self._train_step_logs_wanted()
+        present = global_counts > 0
+        result = self.balancer(BalanceInput(means, present, reps, self.global_step, log=log_now))
+        self._last_means = means.detach()
         self._accumulate("train", sums, counts, outputs if self.update_train_metrics else None, targets)
-        if self._train_step_logs_wanted():
+        if log_now:
             self._log_train_step(result.loss, means, result.weights, result.logs)
         return result.loss
+
+    def _global_counts(self, counts: Tensor) -> Tensor:
+        """Labelled counts summed over all ranks (one small all-reduce per step under DDP)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return counts
+        return self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
 
     def _train_step_logs_wanted(self) -> bool:
         """Whether this training step's ``train/...`` values can reach a logger or a callback.
@@ -297,7 +311,11 @@ class MultiTaskModule(LightningModule):
                 collections[name].reset()
         self.log_dict({k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.balancer.on_train_batch_end(self._last_means)
+
     def on_train_epoch_end(self) -> None:
+        self.balancer.on_train_epoch_end()
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:

@@ -27,12 +27,14 @@ class BalanceInput:
         present: ``(T,)`` bool, whether the task had at least one labelled row in this batch.
         representations: Encoder output per task (the same tensor for every task under hard sharing).
         step: The trainer's global step.
+        log: Whether this step's logs will be written; telemetry can skip its work when False.
     """
 
     losses: Tensor
     present: Tensor
     representations: dict[str, Tensor] = field(default_factory=dict)
     step: int = 0
+    log: bool = True
 
 
 @dataclass
@@ -47,9 +49,19 @@ class BalanceOutput:
 class Balancer(nn.Module, ABC):
     """Base class of all balancers; ``bind`` is called once by the module with its task specs."""
 
-    def bind(self, tasks: list[TaskSpec]) -> None:
-        """Learn the task order (and anything else the method needs from the specs)."""
+    def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
+        """Learn the task order, and anything else the method needs from the specs or the encoder.
+
+        Called once by the module. ``encoder`` is the shared encoder (for methods that need its parameters); it is
+        not stored as a submodule here, so it is not saved twice in checkpoints.
+        """
         self.task_names = [t.name for t in tasks]
+
+    def on_train_batch_end(self, losses: Tensor) -> None:
+        """Called after the optimizer step with the step's per-task losses (for methods that learn from them)."""
+
+    def on_train_epoch_end(self) -> None:
+        """Called at the end of every training epoch (for methods with per-epoch state)."""
 
     @abstractmethod
     def forward(self, inputs: BalanceInput) -> BalanceOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn as nn
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
 from mtl_lightning.errors import ConfigError
@@ -14,8 +15,8 @@ from mtl_lightning.tasks import TaskSpec
 class EqualWeighting(Balancer):
     """The mean of the present tasks' losses (every task weighs the same)."""
 
-    def bind(self, tasks: list[TaskSpec]) -> None:
-        super().bind(tasks)
+    def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
+        super().bind(tasks, encoder)
         self.register_buffer("weights", torch.ones(len(tasks)), persistent=False)
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
@@ -33,8 +34,8 @@ class StaticWeighting(Balancer):
         super().__init__()
         self.overrides = dict(weights or {})
 
-    def bind(self, tasks: list[TaskSpec]) -> None:
-        super().bind(tasks)
+    def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
+        super().bind(tasks, encoder)
         unknown = sorted(set(self.overrides) - set(self.task_names))
         if unknown:
             raise ConfigError(

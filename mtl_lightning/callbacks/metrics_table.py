@@ -6,7 +6,6 @@ from collections import defaultdict
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -36,9 +35,11 @@ def task_table(metrics: dict[str, float], stage: str) -> Table | None:
 class MetricsTable(Callback):
     """At the end of ``fit``, print the last validation metrics per task and where the checkpoints are."""
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask for it
+        if not trainer.is_global_zero:
             return
         console = Console()
         table = task_table({k: float(v) for k, v in trainer.callback_metrics.items()}, "val")
@@ -49,5 +50,5 @@ class MetricsTable(Callback):
                 console.print(f"best checkpoint ({cb.monitor}={float(cb.best_model_score):.4f}): {cb.best_model_path}")
             if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
                 console.print(f"last checkpoint: {cb.last_model_path}")
-        if trainer.log_dir:
-            console.print(f"TensorBoard: tensorboard --logdir {trainer.log_dir}")
+        if log_dir:
+            console.print(f"TensorBoard: tensorboard --logdir {log_dir}")
