@@ -1,6 +1,41 @@
-"""Balancers combine per-task losses into the one scalar Lightning optimises."""
+"""Balancers combine per-task losses into the one scalar Lightning optimises.
+
+Loss weighting (static, equal, ...) maps the losses to a scalar; gradient methods (MGDA, PCGrad, UPGrad, ...)
+weigh the per-task gradients, in representation or parameter mode (see :mod:`mtl_lightning.balancers.gradient`).
+"""
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
+from mtl_lightning.balancers.gradient import GradientBalancer
+from mtl_lightning.balancers.gradient_methods import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    GradDrop,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
 from mtl_lightning.balancers.static import EqualWeighting, StaticWeighting
 
-__all__ = ["BalanceInput", "BalanceOutput", "Balancer", "EqualWeighting", "StaticWeighting", "weighted_mean"]
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "AlignedMTL",
+    "BalanceInput",
+    "BalanceOutput",
+    "Balancer",
+    "CAGrad",
+    "DualProj",
+    "EqualWeighting",
+    "GradDrop",
+    "GradVac",
+    "GradientBalancer",
+    "NashMTL",
+    "PCGrad",
+    "StaticWeighting",
+    "UPGrad",
+    "weighted_mean",
+]

@@ -1,0 +1,146 @@
+"""The gradient methods, each a thin choice of TorchJD aggregator on top of :class:`GradientBalancer`.
+
+Pick one in YAML with ``--model.balancer configs/balancer/<name>.yaml``; all take ``mode``, ``ddp_exact`` and
+``telemetry`` (see :class:`GradientBalancer`). Methods whose TorchJD implementation needs a solver raise an error
+naming the ``pip install`` that adds it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from mtl_lightning.balancers.gradient import GradientBalancer, Mode, _torchjd_aggregation
+from mtl_lightning.errors import ConfigError
+
+SOLVERS_EXTRA = 'pip install "mtl_lightning[solvers]"'
+
+
+def _build(name: str, factory, *args, **kwargs):
+    try:
+        return factory(*args, **kwargs)
+    except ImportError as err:
+        raise ConfigError(
+            f"balancer {name} needs an optional solver ({err}); install it with: {SOLVERS_EXTRA}"
+        ) from err
+
+
+class MGDA(GradientBalancer):
+    """Multiple-gradient descent: the min-norm point of the convex hull of the task gradients (Sener & Koltun 2018)."""
+
+    def __init__(
+        self,
+        epsilon: float = 0.001,
+        max_iters: int = 100,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+    ):
+        super().__init__(mode, ddp_exact, telemetry)
+        self.epsilon, self.max_iters = epsilon, max_iters
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
+
+
+class PCGrad(GradientBalancer):
+    """Projecting conflicting gradients onto each other's normal planes (Yu et al. 2020)."""
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().PCGrad()
+
+
+class CAGrad(GradientBalancer):
+    """Conflict-averse gradient descent: the best worst-case improvement near the mean gradient (Liu et al. 2021)."""
+
+    def __init__(self, c: float = 0.5, mode: Mode = "representation", ddp_exact: bool = True, telemetry: bool = True):
+        super().__init__(mode, ddp_exact, telemetry)
+        self.c = c
+
+    def make_aggregator(self, num_tasks: int):
+        return _build("CAGrad", _torchjd_aggregation().CAGrad, c=self.c)
+
+
+class IMTLG(GradientBalancer):
+    """Impartial MTL, gradient part: equal projections of the update on every task gradient (Liu et al. 2021)."""
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().IMTLG()
+
+
+class GradVac(GradientBalancer):
+    """Gradient vaccine: aligns task gradients towards an EMA of their cosine similarity (Wang et al. 2021)."""
+
+    def __init__(
+        self, beta: float = 0.5, mode: Mode = "representation", ddp_exact: bool = True, telemetry: bool = True
+    ):
+        super().__init__(mode, ddp_exact, telemetry)
+        self.beta = beta
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().GradVac(beta=self.beta)
+
+
+class AlignedMTL(GradientBalancer):
+    """Aligned-MTL: aligns the principal components of the gradient matrix (Senushkin et al. 2023)."""
+
+    def __init__(
+        self,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+    ):
+        super().__init__(mode, ddp_exact, telemetry)
+        self.scale_mode = scale_mode
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().AlignedMTL(scale_mode=self.scale_mode)
+
+
+class UPGrad(GradientBalancer):
+    """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024)."""
+
+    def make_aggregator(self, num_tasks: int):
+        return _build("UPGrad", _torchjd_aggregation().UPGrad)
+
+
+class DualProj(GradientBalancer):
+    """Projection of the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."""
+
+    def make_aggregator(self, num_tasks: int):
+        return _build("DualProj", _torchjd_aggregation().DualProj)
+
+
+class NashMTL(GradientBalancer):
+    """Nash bargaining over the task gradients (Navon et al. 2022); representation mode only."""
+
+    def __init__(
+        self,
+        max_norm: float = 1.0,
+        update_weights_every: int = 1,
+        optim_niter: int = 20,
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+    ):
+        super().__init__("representation", ddp_exact, telemetry)
+        self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
+
+    def make_aggregator(self, num_tasks: int):
+        return _build(
+            "NashMTL",
+            _torchjd_aggregation().NashMTL,
+            n_tasks=num_tasks,
+            max_norm=self.max_norm,
+            update_weights_every=self.update_weights_every,
+            optim_niter=self.optim_niter,
+        )
+
+
+class GradDrop(GradientBalancer):
+    """Gradient sign dropout (Chen et al. 2020): acts on the gradient on the representation itself."""
+
+    def __init__(self, ddp_exact: bool = True, telemetry: bool = True):
+        super().__init__("representation", ddp_exact, telemetry)
+
+    def make_aggregator(self, num_tasks: int):
+        return _torchjd_aggregation().GradDrop()
