@@ -11,6 +11,7 @@ thresholds it at its median, multiclass cuts it into equal-frequency bins, multi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Generator, Tensor
@@ -93,14 +94,10 @@ class SyntheticDataModule(MultiTaskDataModule):
         missing_rate: float = 0.0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
+        **kwargs: Any,
     ):
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
+        # jsonargparse follows **kwargs into the base class, so the CLI still shows the loader settings.
+        super().__init__(tasks, **kwargs)
         if not 0.0 <= missing_rate < 1.0:
             raise DataError(f"missing_rate must be in [0, 1), got {missing_rate}")
         if num_samples < 1:

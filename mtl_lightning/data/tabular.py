@@ -137,12 +137,8 @@ class TabularDataModule(MultiTaskDataModule):
             regression task (one per output); a task not listed uses the column named like the task.
         val_fraction: Fraction of the rows of ``path`` for validation.
         test_fraction: Fraction of the rows of ``path`` for testing.
-        batch_size: Training batch size.
-        eval_batch_size: Batch size for val/test/predict (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
-        pin_memory: Pin host memory for faster transfers to a GPU.
-        persistent_workers: Keep workers alive between epochs (needs ``num_workers > 0``).
-        seed: Seed of the random train/val/test split of ``path``.
+        **kwargs: Loader settings (``batch_size``, ``num_workers``, ...) and the split ``seed`` of
+            :class:`MultiTaskDataModule`.
     """
 
     def __init__(
@@ -158,14 +154,10 @@ class TabularDataModule(MultiTaskDataModule):
         target_columns: dict[str, str | list[str]] | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
+        **kwargs: Any,
     ):
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
+        # jsonargparse follows **kwargs into the base class, so the CLI still shows the loader settings.
+        super().__init__(tasks, **kwargs)
         self.paths = self._checked_paths(path, train_path, val_path, test_path)
         self.single_file = path is not None
         self.fractions = (val_fraction, test_fraction)
