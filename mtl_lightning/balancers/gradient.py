@@ -109,6 +109,8 @@ class GradientBalancer(Balancer):
             )
         from torchjd.autogram import Engine
 
+        self._shared_params = [p for p in encoder.parameters() if p.requires_grad]  # for the AMP fallback
+
         # The engine hooks the encoder's leaf modules; it must exist before the forward passes it measures.
         leaves = [m for m in encoder.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
         return Engine(*leaves, batch_dim=None)
@@ -140,11 +142,14 @@ class GradientBalancer(Balancer):
             grads_per_task = [
                 per_task_gradients(losses[i : i + 1], inputs.representations[n])[0] for i, n in enumerate(names)
             ]
-        gramian = self._gramian(losses, flat if z is not None else None)
-        if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(gramian)
-            gramian = gramian / dist.get_world_size() ** 2
-        weights, aggregated = self._combine(gramian, present, flat if z is not None else None)
+        amp = torch.is_autocast_enabled(losses.device.type)
+        # In float32 even under AMP: autocast would run the Gramian's matmul in bf16/fp16.
+        with torch.autocast(losses.device.type, enabled=False):
+            gramian = self._gramian(losses, flat if z is not None else None, amp)
+            if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(gramian)
+                gramian = gramian / dist.get_world_size() ** 2
+            weights, aggregated = self._combine(gramian, present, flat if z is not None else None)
         if z is not None:
             correction = (aggregated - flat.sum(0)).reshape(z.shape).to(z.dtype)
             # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
@@ -160,7 +165,20 @@ class GradientBalancer(Balancer):
         logs = self._telemetry(gramian) if self.telemetry and inputs.log else {}
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
 
-    def _gramian(self, losses: Tensor, flat: Tensor | None) -> Tensor:
+    def _gramian(self, losses: Tensor, flat: Tensor | None, amp: bool = False) -> Tensor:
+        if self.mode == "parameter" and amp:
+            # TorchJD's autogram engine fails on graphs recorded under autocast (bf16/fp16 activations with fp32
+            # parameters: "expected scalar type BFloat16 but found Float"), so materialise J_θ: one backward
+            # through the encoder per task.
+            rows = []
+            for loss in losses:
+                grads = torch.autograd.grad(loss, self._shared_params, retain_graph=True, allow_unused=True)
+                flat_grads = [
+                    torch.zeros_like(p) if g is None else g for p, g in zip(self._shared_params, grads, strict=True)
+                ]
+                rows.append(torch.cat([g.reshape(-1).float() for g in flat_grads]))
+            jacobian = torch.stack(rows)
+            return jacobian @ jacobian.T
         if self.mode == "parameter":
             return self._engine.compute_gramian(losses).float()
         assert flat is not None
@@ -173,14 +191,22 @@ class GradientBalancer(Balancer):
         if len(idx) == 0:
             return weights, None if flat is None else torch.zeros_like(flat[0])
         if self.weighting is not None:
-            weights[idx] = self.weighting(gramian[idx][:, idx]).to(gramian.dtype)
+            weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(gramian.dtype)
             return weights, None if flat is None else weights.to(flat.dtype) @ flat
         assert flat is not None
-        aggregated = self.aggregator(flat[idx])
+        aggregated = self._aggregate(flat[idx], idx)
         # Effective weights of the aggregated gradient in the span of the task gradients (least squares), for logs.
         solution = torch.linalg.lstsq(flat[idx].T.double(), aggregated.double()[:, None]).solution.flatten()
         weights[idx] = solution.to(weights.dtype)
         return weights, aggregated
+
+    def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
+        """Weights of the present tasks ``idx`` from their Gramian (hook for weightings with per-task state)."""
+        return self.weighting(gramian)
+
+    def _aggregate(self, matrix: Tensor, idx: Tensor) -> Tensor:
+        """Aggregated gradient of the present tasks ``idx`` (hook for aggregators sized to the task count)."""
+        return self.aggregator(matrix)
 
     def _telemetry(self, gramian: Tensor) -> dict[str, Tensor]:
         logs, cosine = gramian_telemetry(gramian.detach(), self.task_names)

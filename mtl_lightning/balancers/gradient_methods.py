@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 from mtl_lightning.balancers.gradient import GradientBalancer, Mode, _torchjd_aggregation
 from mtl_lightning.errors import ConfigError
+from mtl_lightning.tasks import TaskSpec
 
 SOLVERS_EXTRA = 'pip install "mtl_lightning[solvers]"'
 
@@ -79,6 +83,24 @@ class GradVac(GradientBalancer):
     def make_aggregator(self, num_tasks: int):
         return _torchjd_aggregation().GradVac(beta=self.beta)
 
+    def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
+        super().bind(tasks, encoder)
+        # The EMA cosine targets of every task pair, kept here at full size: checkpointed from the first step on
+        # (TorchJD's own buffer starts as None, which made checkpoints unloadable), and kept for the other pairs
+        # while a task is absent (TorchJD resets its state whenever the number of tasks changes).
+        self.register_buffer("cosine_targets", torch.zeros(len(tasks), len(tasks)))
+
+    def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
+        weighting = self.weighting
+        block = self.cosine_targets[idx][:, idx].to("cpu", gramian.dtype)
+        weighting._phi_t, weighting._state_key = block, (len(idx), gramian.dtype)
+        try:
+            weights = weighting(gramian)
+            self.cosine_targets[idx[:, None], idx] = weighting._phi_t.to(self.cosine_targets)
+        finally:
+            weighting.reset()  # back to None: the state lives in cosine_targets only
+        return weights
+
 
 class AlignedMTL(GradientBalancer):
     """Aligned-MTL: aligns the principal components of the gradient matrix (Senushkin et al. 2023)."""
@@ -124,6 +146,7 @@ class NashMTL(GradientBalancer):
     ):
         super().__init__("representation", ddp_exact, telemetry)
         self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
+        self._subset_aggregators: dict[tuple[int, ...], object] = {}
 
     def make_aggregator(self, num_tasks: int):
         return _build(
@@ -134,6 +157,15 @@ class NashMTL(GradientBalancer):
             update_weights_every=self.update_weights_every,
             optim_niter=self.optim_niter,
         )
+
+    def _aggregate(self, matrix: Tensor, idx: Tensor) -> Tensor:
+        # TorchJD's NashMTL is sized to n_tasks: steps where some tasks are absent use one aggregator per subset.
+        if len(idx) == len(self.task_names):
+            return self.aggregator(matrix)
+        key = tuple(idx.tolist())
+        if key not in self._subset_aggregators:
+            self._subset_aggregators[key] = self.make_aggregator(len(key))
+        return self._subset_aggregators[key](matrix)
 
 
 class GradDrop(GradientBalancer):

@@ -1,5 +1,6 @@
 """Callbacks of the template (Lightning's own callbacks are used wherever they fit)."""
 
+from mtl_lightning.callbacks.conflict_heatmap import GradientConflictHeatmap
 from mtl_lightning.callbacks.metrics_table import MetricsTable, task_table
 
-__all__ = ["MetricsTable", "task_table"]
+__all__ = ["GradientConflictHeatmap", "MetricsTable", "task_table"]

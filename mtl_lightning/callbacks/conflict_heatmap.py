@@ -1,0 +1,71 @@
+"""Write the pairwise cosine similarities of the task gradients to TensorBoard as a heatmap image.
+
+Gradient balancers (:class:`~mtl_lightning.balancers.GradientBalancer`) keep the last ``T x T`` cosine matrix of
+the per-task gradients in ``balancer.last_cosine`` whenever they compute telemetry (on the steps whose logs are
+written, see ``trainer.log_every_n_steps``). This callback renders the latest one: blue = opposed gradients
+(cosine -1), white = orthogonal, red = aligned (+1); rows and columns follow the model's task order, which is
+written once as a text entry next to the images. Rendered with torch alone (no matplotlib).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+TAG = "train/balance/cosine_heatmap"
+
+
+def cosine_heatmap(cosine: Tensor, cell: int = 24) -> Tensor:
+    """``(T*cell, T*cell, 3)`` uint8 image of a cosine matrix: blue (-1), white (0), red (+1)."""
+    c = torch.nan_to_num(cosine.detach().float().cpu()).clamp(-1.0, 1.0)
+    neg, pos = (-c).clamp_min(0), c.clamp_min(0)
+    # white fades to red as c -> +1 (green and blue drop) and to blue as c -> -1 (red and green drop)
+    rgb = torch.stack([1 - neg, 1 - neg - pos, 1 - pos], dim=-1)
+    rgb = rgb.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+class GradientConflictHeatmap(Callback):
+    """Every ``every_n_steps`` optimizer steps, add the latest gradient-cosine heatmap to each TensorBoard logger.
+
+    Does nothing for balancers without gradient telemetry (loss weighting) or with ``telemetry: false``.
+
+    Args:
+        every_n_steps: Minimum number of global steps between two images.
+        cell: Size in pixels of one task pair's square.
+    """
+
+    def __init__(self, every_n_steps: int = 100, cell: int = 24):
+        if every_n_steps < 1 or cell < 1:
+            raise ValueError(f"every_n_steps and cell must be >= 1, got {every_n_steps} and {cell}")
+        self.every_n_steps = every_n_steps
+        self.cell = cell
+        self._last_step: int | None = None
+        self._last_matrix: Tensor | None = None
+        self._names_written = False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        cosine = getattr(getattr(pl_module, "balancer", None), "last_cosine", None)
+        if cosine is None or cosine is self._last_matrix:
+            return
+        step = trainer.global_step
+        if self._last_step is not None and step - self._last_step < self.every_n_steps:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        image = cosine_heatmap(cosine, self.cell)
+        names = list(getattr(pl_module.balancer, "task_names", []))
+        for logger in loggers:
+            writer = logger.experiment
+            writer.add_image(TAG, image, step, dataformats="HWC")
+            if not self._names_written and names:
+                writer.add_text(f"{TAG}/tasks", "rows and columns, top to bottom: " + ", ".join(names), step)
+        self._names_written = True
+        self._last_step, self._last_matrix = step, cosine
