@@ -160,7 +160,10 @@ class GradientBalancer(Balancer):
                 for i, (n, g) in enumerate(zip(names, grads_per_task, strict=True))
             )
         total = losses.sum()
-        value = (weights.to(losses.dtype) * losses).sum().detach()
+        # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
+        # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
+        w = weights.to(losses.dtype).detach()
+        value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
         loss = value + (total - total.detach()) + (inner - inner.detach())
         logs = self._telemetry(gramian) if self.telemetry and inputs.log else {}
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
