@@ -19,9 +19,21 @@ from mtl_lightning.balancers.gradient_methods import (
     UPGrad,
 )
 from mtl_lightning.balancers.static import EqualWeighting, StaticWeighting
+from mtl_lightning.balancers.weighting import (
+    DWA,
+    FAMO,
+    IMTLL,
+    GeometricMean,
+    GradNorm,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
 
 __all__ = [
+    "DWA",
+    "FAMO",
     "IMTLG",
+    "IMTLL",
     "MGDA",
     "AlignedMTL",
     "BalanceInput",
@@ -30,12 +42,16 @@ __all__ = [
     "CAGrad",
     "DualProj",
     "EqualWeighting",
+    "GeometricMean",
     "GradDrop",
+    "GradNorm",
     "GradVac",
     "GradientBalancer",
     "NashMTL",
     "PCGrad",
+    "RandomLossWeighting",
     "StaticWeighting",
     "UPGrad",
+    "UncertaintyWeighting",
     "weighted_mean",
 ]
