@@ -132,6 +132,22 @@ class MultiTaskModule(LightningModule):
             return {name: z[name] for name in self.tasks}
         return dict.fromkeys(self.tasks, z)
 
+    def _training_representations(
+        self, inputs: Tensor | Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """(per-task representations, the shared tensor under hard sharing or None).
+
+        Under hard sharing every head reads its own alias (a view) of the shared tensor, so a gradient method gets
+        all T per-task gradients w.r.t. the representation from one plain backward through the heads, instead of
+        T backward passes (or a vmap whose cost grows as T^2; docs/benchmarks.md).
+        """
+        z = self.encoder(inputs)
+        if isinstance(z, Mapping):
+            return {name: z[name] for name in self.tasks}, None
+        if not z.requires_grad:
+            return dict.fromkeys(self.tasks, z), z
+        return {name: z.view_as(z) for name in self.tasks}, z
+
     def head_outputs(self, reps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Raw head outputs in canonical shape: ``(N,)`` for one output, ``(N, K)`` otherwise."""
         outputs = {}
@@ -211,7 +227,7 @@ class MultiTaskModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets = self._unpack(batch, "train")
-        reps = self.representations(inputs)
+        reps, shared = self._training_representations(inputs)
         outputs = self.head_outputs(reps)
         sums, counts = self.task_losses(outputs, targets)
         # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
@@ -224,7 +240,7 @@ class MultiTaskModule(LightningModule):
             self._raise_nonfinite(means)
         log_now = self._train_step_logs_wanted()
         present = global_counts > 0
-        result = self.balancer(BalanceInput(means, present, reps, self.global_step, log=log_now))
+        result = self.balancer(BalanceInput(means, present, reps, self.global_step, log=log_now, shared=shared))
         self._last_means = means.detach()
         self._accumulate("train", sums, counts, outputs if self.update_train_metrics else None, targets)
         if log_now:

@@ -28,6 +28,8 @@ class BalanceInput:
         representations: Encoder output per task (the same tensor for every task under hard sharing).
         step: The trainer's global step.
         log: Whether this step's logs will be written; telemetry can skip its work when False.
+        shared: Under hard sharing, the encoder's output; ``representations`` then holds one alias (view) of it
+            per task, so per-task gradients w.r.t. the representation come from one backward through the heads.
     """
 
     losses: Tensor
@@ -35,6 +37,7 @@ class BalanceInput:
     representations: dict[str, Tensor] = field(default_factory=dict)
     step: int = 0
     log: bool = True
+    shared: Tensor | None = None
 
 
 @dataclass

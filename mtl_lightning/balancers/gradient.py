@@ -25,7 +25,7 @@ communication instead of gradients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -48,12 +48,21 @@ def _torchjd_aggregation():
     return aggregation
 
 
-def per_task_gradients(losses: Tensor, z: Tensor) -> Tensor:
-    """``(T, *z.shape)`` gradients of each loss w.r.t. ``z``, keeping the graph for the final backward.
+def per_task_gradients(losses: Tensor, z: Tensor | Sequence[Tensor]) -> Tensor:
+    """``(T, *shape)`` gradients of each loss w.r.t. its representation, keeping the graph for the final backward.
 
-    One batched ``autograd.grad`` call (vmap over the identity) when the graph supports it, else one call per task.
-    Only the part of the graph between ``z`` and the losses (the heads) is traversed.
+    ``z`` is one tensor every loss depends on, or one distinct tensor per loss that only that loss depends on (the
+    per-head aliases the module passes under hard sharing). With one tensor per loss a single backward of
+    ``sum_t L_t`` through the heads yields every task's gradient: O(T B D) work. With one shared tensor a batched
+    call (vmap over the identity) sends all T rows through every head, O(T^2 B D); it falls back to one call per task
+    where the graph does not support vmap. Only the heads are traversed.
     """
+    if not isinstance(z, Tensor):
+        reps = list(z)
+        if len(reps) != len(losses) or len({id(r) for r in reps}) != len(reps):
+            raise ValueError("per_task_gradients: give one shared tensor, or one distinct tensor per loss")
+        grads = torch.autograd.grad(losses.sum(), reps, retain_graph=True, allow_unused=True)
+        return torch.stack([torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=True)])
     eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
     try:
         (grads,) = torch.autograd.grad(losses, z, eye, retain_graph=True, is_grads_batched=True, allow_unused=True)
@@ -116,14 +125,17 @@ class GradientBalancer(Balancer):
         return Engine(*leaves, batch_dim=None)
 
     # ------------------------------------------------------------------------------------------- forward
-    def _shared(self, reps: Mapping[str, Tensor]) -> Tensor | None:
-        tensors = list(reps.values())
+    def _shared(self, inputs: BalanceInput) -> Tensor | None:
+        """The shared representation under hard sharing (given by the module, or the one tensor of every task)."""
+        if inputs.shared is not None:
+            return inputs.shared
+        tensors = list(inputs.representations.values())
         return tensors[0] if all(t is tensors[0] for t in tensors) else None
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         losses, present = inputs.losses, inputs.present
         names = self.task_names
-        z = self._shared(inputs.representations)
+        z = self._shared(inputs)
         if not all(r.requires_grad for r in inputs.representations.values()):
             raise ConfigError(
                 f"{type(self).__name__} needs the gradients of the task losses w.r.t. the encoder's output, but the "
@@ -131,7 +143,9 @@ class GradientBalancer(Balancer):
                 "balancer (static, uncertainty, famo, ...)"
             )
         if z is not None:
-            grads = per_task_gradients(losses, z)  # (T, *z.shape)
+            reps = [inputs.representations[n] for n in names]
+            distinct = len({id(r) for r in reps}) == len(reps)  # one alias per head: one backward gives all rows
+            grads = per_task_gradients(losses, reps if distinct else z)  # (T, *z.shape)
             flat = grads.reshape(len(names), -1).float()
         else:
             if self.mode == "representation":
@@ -195,6 +209,10 @@ class GradientBalancer(Balancer):
             return weights, None if flat is None else torch.zeros_like(flat[0])
         if self.weighting is not None:
             weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(gramian.dtype)
+            if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # Randomised weightings (PCGrad's task order) must not depend on each rank's RNG stream: every rank
+                # applies rank 0's weights, as one process on the global batch would (T floats of communication).
+                dist.broadcast(weights, src=0)
             return weights, None if flat is None else weights.to(flat.dtype) @ flat
         assert flat is not None
         aggregated = self._aggregate(flat[idx], idx)

@@ -542,10 +542,8 @@ class GradNorm(Balancer):
         if all(r is shared[0] for r in shared):
             grads = per_task_gradients(losses, shared[0]).flatten(1)
             squares = grads.float().pow(2).sum(1)
-        else:  # one representation per task (MMoE, PLE, ...): each task's gradient w.r.t. its own
-            squares = torch.stack(
-                [per_task_gradients(losses[j : j + 1], reps[n])[0].float().pow(2).sum() for j, n in enumerate(names)]
-            )
+        else:  # one alias per head, or one representation per task (MMoE, ...): one backward gives every row
+            squares = torch.stack([g.float().pow(2).sum() for g in per_task_gradients(losses, shared)])
         squares = squares.detach()
         if _distributed():
             # Rows of z on different ranks are different variables: the global squared norm is the sum over ranks
