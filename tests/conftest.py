@@ -14,6 +14,15 @@ CONFIGS = REPO / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
 # Small, fast variant of the quickstart data used by the CLI tests.
 SMALL_DATA = ["--data.init_args.num_samples", "1500", "--data.init_args.batch_size", "128"]
+# No checkpoints, callbacks or progress bar: for runs whose model or metrics are inspected in-process.
+QUIET_TRAINER = [
+    "--trainer.enable_checkpointing",
+    "false",
+    "--trainer.callbacks",
+    "[]",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def run_cli(args: list[str], root: Path) -> MTLCLI:

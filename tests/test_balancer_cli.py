@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART, SMALL_DATA, run_cli
+from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, SMALL_DATA, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_lightning import MultiTaskModule
@@ -20,12 +20,7 @@ QUIET = [
     "--trainer.max_steps",
     "6",
     *SMALL_DATA,
-    "--trainer.enable_checkpointing",
-    "false",
-    "--trainer.callbacks",
-    "[]",
-    "--trainer.enable_progress_bar",
-    "false",
+    *QUIET_TRAINER,
     "--trainer.enable_model_summary",
     "false",
     "--trainer.num_sanity_val_steps",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART, REPO, SMALL_DATA, run_cli
+from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, SMALL_DATA, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtl_lightning import MultiTaskModule
@@ -272,14 +272,7 @@ def test_same_seed_gives_identical_runs(tmp_path: Path) -> None:
         "--trainer.logger",
         "false",
     ]
-    args += [
-        "--trainer.enable_checkpointing",
-        "false",
-        "--trainer.callbacks",
-        "[]",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
+    args += QUIET_TRAINER
     first = run_cli(args, tmp_path / "a").model.state_dict()
     second = run_cli(args, tmp_path / "b").model.state_dict()
     other = run_cli([*args, "--seed_everything", "7"], tmp_path / "c").model.state_dict()
