@@ -242,6 +242,7 @@ def test_monitor_that_is_never_logged_fails_before_training(tmp_path: Path) -> N
     early_stopping = str(CONFIGS / "callbacks" / "early_stopping.yaml")
     args = ["fit", "--config", str(QUICKSTART), *SMALL_DATA, "--trainer.callbacks+", early_stopping]
     args += ["--trainer.callbacks.monitor", "val/acc"]  # applies to the last callback: EarlyStopping
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     with pytest.raises(ConfigError, match=r"EarlyStopping monitors 'val/acc', which this model never logs"):
         run_cli(args, tmp_path)
     assert not list(tmp_path.rglob("*.ckpt"))
