@@ -105,7 +105,16 @@ class _ScalarizerBalancer(Balancer):
     """
 
     per_task: tuple[str, ...] = ()
+    log_prefix: str = ""  # per-task state is logged as ``{log_prefix}/{name}/<task>``
     scalarizer: nn.Module
+
+    def forward(self, inputs: BalanceInput) -> BalanceOutput:
+        loss, weights = self._scalarize(inputs)
+        logs: dict[str, Tensor] = {}
+        if inputs.log:
+            for name in self.per_task:
+                logs.update(self._task_logs(f"{self.log_prefix}/{name}", getattr(self.scalarizer, name)))
+        return BalanceOutput(loss=loss, weights=weights, logs=logs)
 
     def _prepare(self, values: Tensor, idx: Tensor) -> Tensor:
         """Hook on the present tasks' (detached, rank-averaged) losses before the scalarizer sees them."""
@@ -158,15 +167,11 @@ class UncertaintyWeighting(_ScalarizerBalancer):
     """
 
     per_task = ("log_var",)
+    log_prefix = "uw"
 
     def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
         self.scalarizer = _scalarization().UW(len(tasks))
-
-    def forward(self, inputs: BalanceInput) -> BalanceOutput:
-        loss, weights = self._scalarize(inputs)
-        logs = self._task_logs("uw/log_var", self.scalarizer.log_var) if inputs.log else {}
-        return BalanceOutput(loss=loss, weights=weights, logs=logs)
 
 
 class IMTLL(_ScalarizerBalancer):
@@ -178,15 +183,11 @@ class IMTLL(_ScalarizerBalancer):
     """
 
     per_task = ("log_scale",)
+    log_prefix = "imtl_l"
 
     def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
         self.scalarizer = _scalarization().IMTLL(len(tasks))
-
-    def forward(self, inputs: BalanceInput) -> BalanceOutput:
-        loss, weights = self._scalarize(inputs)
-        logs = self._task_logs("imtl_l/log_scale", self.scalarizer.log_scale) if inputs.log else {}
-        return BalanceOutput(loss=loss, weights=weights, logs=logs)
 
 
 class RandomLossWeighting(_ScalarizerBalancer):
@@ -208,10 +209,6 @@ class RandomLossWeighting(_ScalarizerBalancer):
         weights = weights.contiguous()
         dist.broadcast(weights, src=0)
         return (weights * values).sum(), weights
-
-    def forward(self, inputs: BalanceInput) -> BalanceOutput:
-        loss, weights = self._scalarize(inputs)
-        return BalanceOutput(loss=loss, weights=weights)
 
 
 class GeometricMean(_ScalarizerBalancer):
@@ -236,10 +233,6 @@ class GeometricMean(_ScalarizerBalancer):
                 "balancer or a non-negative loss for them"
             )
         return values.clamp_min(_EPS)
-
-    def forward(self, inputs: BalanceInput) -> BalanceOutput:
-        loss, weights = self._scalarize(inputs)
-        return BalanceOutput(loss=loss, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------------- FAMO
