@@ -125,16 +125,7 @@ class MultiTaskModule(LightningModule):
         return list(self.tasks)
 
     # -------------------------------------------------------------------------------------------- forward
-    def representations(self, inputs: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The encoder's output as one representation per task (shared tensors under hard sharing)."""
-        z = self.encoder(inputs)
-        if isinstance(z, Mapping):
-            return {name: z[name] for name in self.tasks}
-        return dict.fromkeys(self.tasks, z)
-
-    def _training_representations(
-        self, inputs: Tensor | Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
+    def representations(self, inputs: Tensor | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
         """(per-task representations, the shared tensor under hard sharing or None).
 
         Under hard sharing every head reads its own alias (a view) of the shared tensor, so a gradient method gets
@@ -158,7 +149,7 @@ class MultiTaskModule(LightningModule):
 
     def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Raw outputs (logits for classification) per task."""
-        return self.head_outputs(self.representations(inputs))
+        return self.head_outputs(self.representations(inputs)[0])
 
     # -------------------------------------------------------------------------------------- loss and steps
     def _unpack(self, batch: Any, stage: str) -> tuple[Any, dict[str, Tensor]]:
@@ -227,7 +218,7 @@ class MultiTaskModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets = self._unpack(batch, "train")
-        reps, shared = self._training_representations(inputs)
+        reps, shared = self.representations(inputs)
         outputs = self.head_outputs(reps)
         sums, counts = self.task_losses(outputs, targets)
         # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
