@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from mtl_lightning import errors
+from mtl_lightning.launch_checks import check_trainer_config
+from mtl_lightning.resume import resolve_last, resumed_config_name
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -28,6 +30,16 @@ class MTLCLI(LightningCLI):
         parser.link_arguments(
             "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        check_trainer_config(trainer)
+        resumed = resolve_last(trainer, config.get("ckpt_path"))
+        if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
+            self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning's default RichProgressBar redraws every batch: 15-20% of a small model's step on 2 CPU cores

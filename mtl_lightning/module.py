@@ -18,14 +18,17 @@ import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.heads import build_head
 from mtl_lightning.loss_tracker import StepAccumulator, TaskLossMean
 from mtl_lightning.losses import build_loss, masked_loss
 from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update, predictions
 from mtl_lightning.monitoring import check_monitors
+from mtl_lightning.sharding import fully_shard_model, register_units
 from mtl_lightning.targets import canonical_target, check_targets
 from mtl_lightning.tasks import TaskSpec, parse_tasks
 
@@ -52,6 +55,8 @@ class MultiTaskModule(LightningModule):
         train_metrics: Update per-task metrics on training batches (set False to save time on huge runs).
         check_finite: Stop with an error naming the task as soon as a task loss is NaN/inf, before the
             weights are updated (costs one host sync per step on accelerators).
+        compile: Compile the encoder with ``torch.compile`` when the model is configured (after any sharding).
+            Only the encoder: compiling the whole LightningModule would trace ``self.log`` and the metrics.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class MultiTaskModule(LightningModule):
         lr_scheduler_monitor: str = "val/loss",
         train_metrics: bool = True,
         check_finite: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         specs = parse_tasks(tasks)
@@ -91,6 +97,9 @@ class MultiTaskModule(LightningModule):
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.update_train_metrics = train_metrics
         self.check_finite = check_finite
+        self.compile_encoder = compile
+        self._configured = False  # configure_model runs again for test/validate after fit: shard/compile once
+        register_units(encoder)
         self.register_buffer("static_weights", torch.tensor([s.weight for s in specs]), persistent=False)
         self._values_checked: set[str] = set()
         self._log_every_train_step = True  # until setup() knows whether anything monitors a train/ name
@@ -316,7 +325,11 @@ class MultiTaskModule(LightningModule):
                 if bool(labelled[i]):
                     logs.update(collections[name].compute())
                 collections[name].reset()
-        self.log_dict({k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1)
+        with warnings.catch_warnings():
+            # Lightning advises sync_dist=True for epoch values under DDP; these are already global (torchmetrics
+            # and the loss tracker reduce their states across ranks in compute()), so syncing again would be waste.
+            warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+            self.log_dict({k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.balancer.on_train_batch_end(self._last_means)
@@ -354,6 +367,33 @@ class MultiTaskModule(LightningModule):
             # a checkpoint filename may read trainer.callback_metrics after any step: then log every step.
             reads = [getattr(cb, attr, None) for cb in self.trainer.callbacks for attr in ("monitor", "filename")]
             self._log_every_train_step = any(isinstance(r, str) and "train/" in r for r in [*reads, scheduler_monitor])
+
+    def configure_model(self) -> None:
+        """Shard (FSDP2, when the strategy gives a device mesh) and compile the encoder, once per model.
+
+        Lightning calls this hook at the start of every ``fit``/``validate``/``test``/``predict``; the flag keeps
+        a model that is fitted then tested from being wrapped twice. Lightning's FSDPStrategy (FSDP1) does its own
+        wrapping with :func:`mtl_lightning.sharding.encoder_units_policy` and needs nothing here.
+        """
+        if self._configured:
+            return
+        mesh = self.device_mesh
+        sharded = mesh is not None or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy)
+        if sharded and not self.balancer.supports_sharding:
+            raise ConfigError(
+                f"{type(self.balancer).__name__} cannot run on a sharded model: {self.balancer.sharding_hint}"
+            )
+        if mesh is not None:
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                raise ConfigError(
+                    "MultiTaskModule shards with FSDP2 only (data parallel); set the ModelParallelStrategy's "
+                    "tensor_parallel_size: 1 (configs/trainer/fsdp2.yaml)"
+                )
+            fully_shard_model(self, mesh["data_parallel"] if "data_parallel" in names else mesh)
+        if self.compile_encoder:
+            self.encoder.compile()
+        self._configured = True
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())

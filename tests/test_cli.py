@@ -24,14 +24,17 @@ GROUP_FLAGS = {
     "balancer": "--model.balancer",
     "callbacks": "--trainer.callbacks+",
 }
-NEEDS_CUDA = {"trainer/gpu.yaml"}
+NEEDS_CUDA = {"trainer/gpu.yaml", "trainer/ddp.yaml", "trainer/fsdp.yaml", "trainer/fp16.yaml"}
+# Presets that start several processes (or need a launcher): tests/test_distributed.py runs them in subprocesses,
+# since DDP inside the pytest process would re-launch pytest.
+MULTI_PROCESS = {"trainer/ddp_cpu.yaml", "trainer/fsdp2.yaml", "trainer/multinode.yaml"}
 
 
 def _config_cases() -> list:
     cases = []
     for path in sorted(CONFIGS.rglob("*.yaml")):
         rel = path.relative_to(CONFIGS).as_posix()
-        if path.parent.name == "balancer":
+        if path.parent.name == "balancer" or rel in MULTI_PROCESS:
             continue  # tests/test_balancer_cli.py trains with every balancer (fit is what a balancer changes)
         if rel == "quickstart.yaml":
             extra: list[str] = []

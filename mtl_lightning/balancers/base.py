@@ -52,6 +52,11 @@ class BalanceOutput:
 class Balancer(nn.Module, ABC):
     """Base class of all balancers; ``bind`` is called once by the module with its task specs."""
 
+    #: Whether the method works when the model's parameters are sharded (FSDP/FSDP2); a method that needs
+    #: gradients w.r.t. the full parameters sets it False and says what to use instead in ``sharding_hint``.
+    supports_sharding: bool = True
+    sharding_hint: str = ""
+
     def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
         """Learn the task order, and anything else the method needs from the specs or the encoder.
 

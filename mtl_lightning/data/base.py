@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
@@ -53,6 +53,9 @@ class MultiTaskDataModule(LightningDataModule):
         pin_memory: Pin host memory for faster transfers to a GPU.
         persistent_workers: Keep workers alive between epochs (needs ``num_workers > 0``).
         seed: Seed of the train/val/test split, independent of the training seed.
+        shuffle: Reshuffle the training set every epoch. ``False`` gives every process count the same global
+            batches (rank ``r`` of ``W`` takes rows ``r, r + W, ...`` of them), which makes a DDP run comparable
+            step by step with a single process.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class MultiTaskDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -77,6 +81,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.shuffle = shuffle
         self._datasets: dict[str, Dataset] | None = None
 
     # ------------------------------------------------------------------------------------ for subclasses
@@ -125,12 +130,27 @@ class MultiTaskDataModule(LightningDataModule):
         check_targets(specs, ds.targets, n, f"the {split!r} split", values=True)
 
     # ------------------------------------------------------------------------------------------- loaders
+    def _distributed_sampler(self, ds: Dataset, shuffle: bool) -> DistributedSampler | None:
+        """This rank's sampler under a distributed strategy, honouring ``shuffle`` (None on one process).
+
+        Lightning would add a DistributedSampler itself, but it always shuffles the training set; with
+        ``shuffle=False`` a run on W processes then sees other batches than one process does. A sampler that is
+        already a DistributedSampler is left alone by Lightning (and given ``set_epoch`` every epoch).
+        """
+        trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
+            return None
+        return DistributedSampler(ds, shuffle=shuffle, seed=self.seed, **kwargs)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.datasets[split]
+        sampler = self._distributed_sampler(ds, shuffle) if split == "train" else None
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -138,7 +158,7 @@ class MultiTaskDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -1,0 +1,86 @@
+"""``--ckpt_path last``: continue the newest run of the experiment, in its own log folder.
+
+Lightning looks for ``last.ckpt`` in the checkpoint folder of the *current* run. With a TensorBoard or CSV
+logger and no fixed ``version``, a new run gets a new ``version_N`` folder, so Lightning finds nothing, warns and
+starts from scratch: a resume silently lost. Here ``last`` is resolved before the trainer is built: the newest
+``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` (a file, or a folder of shards under FSDP) is found, and the
+logger's ``version`` is pinned to that run, so the resumed run writes its logs and checkpoints where the
+interrupted one did and Lightning's own ``last`` lookup finds the checkpoint. With no such checkpoint the run
+stops with an error instead of starting over.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from mtl_lightning.errors import ConfigError
+
+# Loggers whose log folder is <save_dir>/<name>/version_<N> (or <version> when given).
+_VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
+def _versioned_logger(logger: Any) -> MutableMapping[str, Any] | None:
+    """The ``init_args`` of the first TensorBoard/CSV logger config, or None."""
+    for entry in logger if isinstance(logger, list) else [logger]:
+        path = getattr(entry, "class_path", None) or (entry.get("class_path") if isinstance(entry, dict) else None)
+        if path and str(path).rsplit(".", 1)[-1] in _VERSIONED_LOGGERS:
+            args = entry["init_args"] if isinstance(entry, dict) else entry.init_args
+            return args
+    return None
+
+
+def _explicit_dirpath(callbacks: Any) -> bool:
+    """Whether a ModelCheckpoint callback has its own ``dirpath`` (then Lightning's own lookup finds ``last``)."""
+    for cb in callbacks or []:
+        path = getattr(cb, "class_path", None) or (cb.get("class_path") if isinstance(cb, dict) else None)
+        args = getattr(cb, "init_args", None) or (cb.get("init_args") if isinstance(cb, dict) else None) or {}
+        if path and str(path).endswith("ModelCheckpoint") and args.get("dirpath"):
+            return True
+    return False
+
+
+def latest_run_with_last(root: Path) -> tuple[str, Path] | None:
+    """(version folder name, its last checkpoint) of the newest run under ``root`` that has a ``last*.ckpt``."""
+    found = []
+    for run in root.glob("*/checkpoints"):
+        lasts = [p for p in run.iterdir() if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+        if lasts:
+            newest = max(lasts, key=lambda p: p.stat().st_mtime)
+            found.append((newest.stat().st_mtime, run.parent.name, newest))
+    if not found:
+        return None
+    _, version, path = max(found)
+    return version, path
+
+
+def resolve_last(trainer: MutableMapping[str, Any], ckpt_path: str | None) -> Path | None:
+    """Pin the logger to the newest run that has a last checkpoint when ``ckpt_path`` is ``last`` (see module).
+
+    Returns that run's folder, or None when nothing was resolved here (Lightning's own lookup applies).
+    """
+    if ckpt_path != "last" or _explicit_dirpath(trainer.get("callbacks")):
+        return None
+    logger = _versioned_logger(trainer.get("logger"))
+    if logger is None or logger.get("version") is not None:
+        return None
+    root = Path(logger.get("save_dir") or ".") / str(logger.get("name") or "lightning_logs")
+    found = latest_run_with_last(root) if root.is_dir() else None
+    if found is None:
+        raise ConfigError(
+            f"--ckpt_path last: no run under {root}/ has a checkpoints/last.ckpt to resume from; start without "
+            "--ckpt_path, or give the checkpoint's path (ModelCheckpoint needs save_last: true to write last.ckpt)"
+        )
+    version, _ = found
+    logger["version"] = int(version[len("version_") :]) if re.fullmatch(r"version_\d+", version) else version
+    return root / version
+
+
+def resumed_config_name(run: Path) -> str:
+    """A name for the resumed run's saved config that keeps the first run's ``config.yaml``."""
+    i = 1
+    while (run / f"config.resume{i}.yaml").exists():
+        i += 1
+    return f"config.resume{i}.yaml"

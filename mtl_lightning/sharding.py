@@ -1,0 +1,97 @@
+"""Sharding units of a multi-task model for FSDP (Lightning's ``FSDPStrategy``) and FSDP2 (``fully_shard``).
+
+An encoder may say which of its submodules are worth sharding one by one by defining ``fsdp_units()`` (a
+transformer returns its blocks). The tiny task heads are never worth a unit of their own under FSDP1, which
+all-gathers per unit; FSDP2 has no such cost per unit and cannot shard an ``nn.ModuleDict`` as such (it has no
+forward), so there each head is its own unit.
+
+- FSDP2: :class:`FSDP2Strategy` (``configs/trainer/fsdp2.yaml``) gives the module a data-parallel device mesh over
+  every process, and ``MultiTaskModule.configure_model`` calls :func:`fully_shard_model` with it.
+- FSDP1: :func:`encoder_units_policy`, the ``auto_wrap_policy`` of ``configs/trainer/fsdp.yaml``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from datetime import timedelta
+
+import torch.nn as nn
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from mtl_lightning.errors import ConfigError
+
+# Modules named by some encoder's fsdp_units(); the FSDP1 policy below only sees one module at a time.
+_UNITS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def encoder_units(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's sharding units (``encoder.fsdp_units()``), or none when it defines no such method."""
+    units = getattr(encoder, "fsdp_units", None)
+    return list(units()) if callable(units) else []
+
+
+def register_units(encoder: nn.Module) -> None:
+    """Remember the encoder's units for :func:`encoder_units_policy` (called when the model is built)."""
+    _UNITS.update(encoder_units(encoder))
+
+
+def encoder_units_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 auto-wrap policy: one FSDP unit per encoder unit; everything else (heads, balancer) in the root unit.
+
+    The signature is FSDP's callable policy: with ``recurse=True`` it asks whether to look inside ``module``.
+    """
+    return True if recurse else module in _UNITS
+
+
+def fully_shard_model(model: nn.Module, mesh: object, mp_policy: object | None = None) -> None:
+    """FSDP2 on a ``MultiTaskModule``: the encoder's units, the encoder, each head, then any other child with
+    parameters (a balancer's learned weights), so that every parameter's gradient is reduced across ranks.
+
+    Parameters left out of every ``fully_shard`` call would silently drift apart between ranks (no DDP wrapper
+    averages them under ``ModelParallelStrategy``): this is why every child with parameters gets a unit.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    encoder: nn.Module = model.encoder  # type: ignore[assignment]
+    for unit in encoder_units(encoder):
+        fully_shard(unit, **kwargs)
+    fully_shard(encoder, **kwargs)
+    for head in model.heads.values():  # type: ignore[union-attr]
+        fully_shard(head, **kwargs)
+    for name, child in model.named_children():
+        if name in ("encoder", "heads"):
+            continue
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, **kwargs)
+    left = [n for n, p in model.named_parameters() if p.requires_grad and type(p).__name__ != "DTensor"]
+    if left:
+        raise ConfigError(f"FSDP2 left parameters {left} unsharded; give their module to fully_shard_model")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as pure FSDP2: data parallel over all processes of all nodes.
+
+    ``ModelParallelStrategy`` defaults to tensor parallelism inside a node (``tensor_parallel_size`` = devices)
+    and needs ``data_parallel_size`` spelt out for anything else, i.e. the number of processes written into the
+    config. This subclass sizes the data-parallel mesh from the trainer's devices and nodes instead, so one preset
+    serves any machine. Everything else (checkpointing, process groups) is Lightning's.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ):
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
