@@ -325,11 +325,12 @@ class MultiTaskModule(LightningModule):
                 if bool(labelled[i]):
                     logs.update(collections[name].compute())
                 collections[name].reset()
-        with warnings.catch_warnings():
-            # Lightning advises sync_dist=True for epoch values under DDP; these are already global (torchmetrics
-            # and the loss tracker reduce their states across ranks in compute()), so syncing again would be waste.
-            warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-            self.log_dict({k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1)
+        # The values are already global (torchmetrics and the loss tracker reduce their states across ranks in
+        # compute()); sync_dist=True only averages identical numbers (a few small all-reduces per epoch), and keeps
+        # Lightning from warning on every name that epoch values under DDP should be synced.
+        self.log_dict(
+            {k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.balancer.on_train_batch_end(self._last_means)

@@ -24,7 +24,18 @@ GROUP_FLAGS = {
     "balancer": "--model.balancer",
     "callbacks": "--trainer.callbacks+",
 }
-NEEDS_CUDA = {"trainer/gpu.yaml", "trainer/ddp.yaml", "trainer/fsdp.yaml", "trainer/fp16.yaml"}
+NEEDS_CUDA = {
+    "trainer/gpu.yaml",
+    "trainer/ddp.yaml",
+    "trainer/fsdp.yaml",
+    "trainer/fp16.yaml",
+    "experiment/transformer_gpu.yaml",
+}
+# Group files that only work with a partner from another group: a token encoder needs token data, and back.
+PARTNERS = {
+    "model/transformer.yaml": ["--data", str(CONFIGS / "data" / "sequences.yaml")],
+    "data/sequences.yaml": ["--model", str(CONFIGS / "model" / "transformer.yaml")],
+}
 # Presets that start several processes (or need a launcher): tests/test_distributed.py runs them in subprocesses,
 # since DDP inside the pytest process would re-launch pytest.
 MULTI_PROCESS = {"trainer/ddp_cpu.yaml", "trainer/fsdp2.yaml", "trainer/multinode.yaml"}
@@ -40,8 +51,10 @@ def _config_cases() -> list:
             extra: list[str] = []
         elif path.parent.name == "experiment":
             extra = ["--config", str(path)]
+        elif rel == "trainer/fp16.yaml":  # a precision preset; float16 needs a GPU preset under it
+            extra = ["--trainer", str(CONFIGS / "trainer" / "gpu.yaml"), "--trainer", str(path)]
         else:
-            extra = [GROUP_FLAGS[path.parent.name], str(path)]
+            extra = [GROUP_FLAGS[path.parent.name], str(path), *PARTNERS.get(rel, [])]
         marks = [pytest.mark.gpu] if rel in NEEDS_CUDA else []
         cases.append(pytest.param(extra, id=rel, marks=marks))
     return cases

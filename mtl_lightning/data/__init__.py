@@ -2,6 +2,7 @@
 
 from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.sequences import SequenceDataModule
 from mtl_lightning.data.synthetic import SyntheticDataModule
 from mtl_lightning.data.tabular import TabularDataModule
 
@@ -9,6 +10,7 @@ __all__ = [
     "DataError",
     "MultiTaskDataModule",
     "MultiTaskTensorDataset",
+    "SequenceDataModule",
     "SyntheticDataModule",
     "TabularDataModule",
     "collate_batch",

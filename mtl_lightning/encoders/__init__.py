@@ -3,5 +3,6 @@ instance exposes ``out_features``, the width of the representation the heads are
 return one tensor (hard sharing) or a ``{task: tensor}`` dict (one representation per task)."""
 
 from mtl_lightning.encoders.mlp import MLPEncoder
+from mtl_lightning.encoders.transformer import TransformerBlock, TransformerEncoder
 
-__all__ = ["MLPEncoder"]
+__all__ = ["MLPEncoder", "TransformerBlock", "TransformerEncoder"]
