@@ -396,6 +396,23 @@ class MultiTaskModule(LightningModule):
             self.encoder.compile()
         self._configured = True
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        # Lightning's FSDP precision plugin refuses clipping by norm: the norm must be taken over every rank's shard,
+        # which FSDP1's root module does in clip_grad_norm_ (as Lightning's FSDP docs advise). FSDP2 (DTensor
+        # gradients) and every other strategy use Lightning's own clipping.
+        model = getattr(self._trainer, "model", None)
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+            and hasattr(model, "clip_grad_norm_")
+        ):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:

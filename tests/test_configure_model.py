@@ -83,3 +83,12 @@ def test_tensor_parallel_mesh_is_refused() -> None:
     model._device_mesh = _TwoByTwoMesh()
     with pytest.raises(ConfigError, match="tensor_parallel_size: 1"):
         model.configure_model()
+
+
+@pytest.mark.gpu
+def test_fsdp1_clips_gradients_by_norm(tmp_path: Path) -> None:
+    # Lightning's FSDP precision plugin refuses norm clipping; the module hands it to FSDP's clip_grad_norm_.
+    fsdp = ["--trainer", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.devices", "1"]
+    cli = run_cli(["fit", *ONE_EPOCH, *fsdp, "--trainer.gradient_clip_val", "0.5"], tmp_path)
+    assert cli.trainer.state.finished
+    assert cli.trainer.callback_metrics["val/loss"].isfinite()
