@@ -52,6 +52,13 @@ def check_trainer_config(trainer: Mapping[str, Any]) -> None:
             f"{torch.__version__}, cuda available: {torch.cuda.is_available()}); run on CPU with "
             "--trainer configs/trainer/cpu.yaml (or ddp_cpu.yaml / fsdp2.yaml --trainer.accelerator cpu)"
         )
+    devices = trainer.get("devices")
+    wanted = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if not on_cpu and isinstance(wanted, int) and wanted > torch.cuda.device_count() >= 1:
+        raise ConfigError(
+            f"trainer.devices asks for {wanted} GPUs but this machine has {torch.cuda.device_count()}; use "
+            f"--trainer.devices {torch.cuda.device_count()} (or -1 for every visible GPU)"
+        )
     if on_cpu and precision in ("16-mixed", "16"):
         raise ConfigError(
             f"precision {precision!r} (float16) needs a GPU, and this run is on CPU; on CPU use bfloat16: "

@@ -203,3 +203,13 @@ def test_presets_that_cannot_run_here_say_what_to_use(extra: list[str], match: s
 def test_gpu_preset_without_a_gpu_says_what_to_use(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no usable CUDA GPU.*configs/trainer/cpu.yaml"):
         run_cli(["fit", "--config", str(QUICKSTART), "--trainer", str(TRAINER / "gpu.yaml")], tmp_path)
+
+
+def test_more_gpus_than_exist_says_how_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtl_lightning.launch_checks import check_trainer_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"asks for 8 GPUs but this machine has 2; use --trainer.devices 2"):
+        check_trainer_config({"accelerator": "gpu", "devices": 8})
+    check_trainer_config({"accelerator": "gpu", "devices": 2})  # fits: no error
