@@ -44,7 +44,9 @@ class MultiTaskModule(LightningModule):
 
     Args:
         encoder: Any ``nn.Module`` exposing ``out_features`` (an int, or ``{task: int}`` when it returns one
-            representation per task). Its ``input_shape`` is linked from the data module by the CLI.
+            representation per task). Its ``input_shape`` is linked from the data module by the CLI. Optional hooks:
+            ``bind_tasks(names)`` (called here with the task names, for per-task gates or towers),
+            ``fsdp_units()`` (the blocks to shard one by one) and ``training_logs()`` (scalars to log).
         tasks: Task specs; linked from the data module by the CLI, so a task is declared once.
         balancer: Turns per-task losses into one scalar; default: static weights from the specs (all 1 =
             equal weighting).
@@ -77,6 +79,9 @@ class MultiTaskModule(LightningModule):
         self._save_plain_hparams(specs)
         self.tasks: dict[str, TaskSpec] = {s.name: s for s in specs}
         self.encoder = encoder
+        bind = getattr(encoder, "bind_tasks", None)
+        if callable(bind):  # encoders with per-task parts (gates, towers) learn the task names here
+            bind(list(self.tasks))
         widths = self._representation_widths(encoder)
         self.heads = nn.ModuleDict({s.name: build_head(s, widths[s.name]) for s in specs})
         self.losses = nn.ModuleDict({s.name: build_loss(s) for s in specs})
@@ -279,15 +284,28 @@ class MultiTaskModule(LightningModule):
     def _log_train_step(self, loss: Tensor, means: Tensor, weights: Tensor, extra: Mapping[str, Tensor]) -> None:
         # One stacked tensor and one (possible) cross-rank reduction instead of one per logged name. reduce_op by
         # keyword: the second positional parameter of Strategy.reduce is the process group.
-        stacked = torch.cat([loss.detach()[None], means.detach(), weights.detach()])
+        encoder_logs = self._encoder_logs()
+        extras = [v.detach().float().reshape(1) for v in encoder_logs.values()]
+        stacked = torch.cat([loss.detach()[None], means.detach(), weights.detach(), *extras])
         values = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         logs = {"train/loss": values[0]}
         n = len(self.tasks)
         for i, name in enumerate(self.tasks):
             logs[f"train/{name}/loss"] = values[1 + i]
             logs[f"train/balance/weight/{name}"] = values[1 + n + i]
+        for j, key in enumerate(encoder_logs):
+            logs[f"train/encoder/{key}"] = values[1 + 2 * n + j]
         logs.update({f"train/balance/{k}": v for k, v in extra.items()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+    def _encoder_logs(self) -> dict[str, Tensor]:
+        """Scalars the encoder reports about its last training forward (``encoder.training_logs()``, optional).
+
+        E.g. an MMoE's gate entropy and expert load; logged as ``train/encoder/<key>`` with the step values, averaged
+        over ranks. The encoder must return the same keys on every call (every rank logs the same names).
+        """
+        report = getattr(self.encoder, "training_logs", None)
+        return dict(report()) if callable(report) else {}
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         inputs, targets = self._unpack(batch, stage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,16 @@ NEEDS_CUDA = {
     "trainer/fp16.yaml",
     "experiment/transformer_gpu.yaml",
 }
-# Group files that only work with a partner from another group: a token encoder needs token data, and back.
-PARTNERS = {
-    "model/transformer.yaml": ["--data", str(CONFIGS / "data" / "sequences.yaml")],
-    "data/sequences.yaml": ["--model", str(CONFIGS / "model" / "transformer.yaml")],
-}
+# A group file that only works with a partner from another group (a token encoder needs token data) says so in a
+# comment line of its own, e.g. "# pairs-with: --data configs/data/sequences.yaml"; the test adds that partner.
+PAIRS_WITH = re.compile(r"^# pairs-with: (.+)$", re.MULTILINE)
+
+
+def _partners(path: Path) -> list[str]:
+    found = PAIRS_WITH.search(path.read_text())
+    return [str(REPO / a) if a.startswith("configs/") else a for a in found.group(1).split()] if found else []
+
+
 # Presets that start several processes (or need a launcher): tests/test_distributed.py runs them in subprocesses,
 # since DDP inside the pytest process would re-launch pytest.
 MULTI_PROCESS = {"trainer/ddp_cpu.yaml", "trainer/fsdp2.yaml", "trainer/multinode.yaml"}
@@ -54,7 +60,7 @@ def _config_cases() -> list:
         elif rel == "trainer/fp16.yaml":  # a precision preset; float16 needs a GPU preset under it
             extra = ["--trainer", str(CONFIGS / "trainer" / "gpu.yaml"), "--trainer", str(path)]
         else:
-            extra = [GROUP_FLAGS[path.parent.name], str(path), *PARTNERS.get(rel, [])]
+            extra = [GROUP_FLAGS[path.parent.name], str(path), *_partners(path)]
         marks = [pytest.mark.gpu] if rel in NEEDS_CUDA else []
         cases.append(pytest.param(extra, id=rel, marks=marks))
     return cases
