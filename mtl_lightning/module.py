@@ -19,6 +19,7 @@ import torch.nn as nn
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
@@ -31,6 +32,7 @@ from mtl_lightning.monitoring import check_monitors
 from mtl_lightning.sharding import fully_shard_model, register_units
 from mtl_lightning.targets import canonical_target, check_targets
 from mtl_lightning.tasks import TaskSpec, parse_tasks
+from mtl_lightning.transfer import InitReport, load_matching
 
 STAGES = ("train", "val", "test")
 # Constructor arguments that are objects (modules, callables). They are kept in the checkpoint's hparams only as
@@ -59,6 +61,11 @@ class MultiTaskModule(LightningModule):
             weights are updated (costs one host sync per step on accelerators).
         compile: Compile the encoder with ``torch.compile`` when the model is configured (after any sharding).
             Only the encoder: compiling the whole LightningModule would trace ``self.log`` and the metrics.
+        init_from: A checkpoint or state-dict file to initialise from: every tensor whose name and shape match is
+            loaded, and a report says what was loaded, new, unused or skipped (``self.init_report``). For a new run
+            from a trained model (tasks added or removed, a pretrained encoder); ``--ckpt_path`` resumes a run.
+        init_include: Only load names starting with these prefixes, e.g. ``["encoder."]``.
+        init_strict: Fail on a tensor whose shape differs (False: keep its fresh initialisation and report it).
     """
 
     def __init__(
@@ -73,29 +80,22 @@ class MultiTaskModule(LightningModule):
         train_metrics: bool = True,
         check_finite: bool = True,
         compile: bool = False,
+        init_from: str | None = None,
+        init_include: Sequence[str] = (),
+        init_strict: bool = True,
     ):
         super().__init__()
         specs = parse_tasks(tasks)
         self._save_plain_hparams(specs)
         self.tasks: dict[str, TaskSpec] = {s.name: s for s in specs}
         self.encoder = encoder
-        bind = getattr(encoder, "bind_tasks", None)
-        if callable(bind):  # encoders with per-task parts (gates, towers) learn the task names here
-            bind(list(self.tasks))
-        widths = self._representation_widths(encoder)
-        self.heads = nn.ModuleDict({s.name: build_head(s, widths[s.name]) for s in specs})
-        self.losses = nn.ModuleDict({s.name: build_loss(s) for s in specs})
+        self.heads = nn.ModuleDict()
+        self.losses = nn.ModuleDict()
+        self.train_metrics = nn.ModuleDict()
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
         self.balancer = balancer if balancer is not None else StaticWeighting()
-        self.balancer.bind(specs, encoder)
-        self.train_metrics = nn.ModuleDict({s.name: build_metrics(s, "train") for s in specs})
-        self.val_metrics = nn.ModuleDict({s.name: build_metrics(s, "val") for s in specs})
-        self.test_metrics = nn.ModuleDict({s.name: build_metrics(s, "test") for s in specs})
-        # Separate attributes, not a ModuleDict: "train" is a method name that ModuleDict keys may not take.
-        self.train_loss_mean = TaskLossMean(len(specs))
-        self.val_loss_mean = TaskLossMean(len(specs))
-        self.test_loss_mean = TaskLossMean(len(specs))
-        # Per-step losses and metric inputs, fed to the trackers above and the metrics in blocks of steps.
-        self._pending = {stage: StepAccumulator() for stage in STAGES}
+        self._build_task_parts()
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -105,9 +105,13 @@ class MultiTaskModule(LightningModule):
         self.compile_encoder = compile
         self._configured = False  # configure_model runs again for test/validate after fit: shard/compile once
         register_units(encoder)
-        self.register_buffer("static_weights", torch.tensor([s.weight for s in specs]), persistent=False)
         self._values_checked: set[str] = set()
+        self._active: set[str] | None = None  # None: every task (see set_active_tasks)
         self._log_every_train_step = True  # until setup() knows whether anything monitors a train/ name
+        self.init_report: InitReport | None = None
+        if init_from:
+            self.init_report = load_matching(self, init_from, include=init_include, strict=init_strict)
+            rank_zero_info(self.init_report.summary())
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _save_plain_hparams(self, specs: list[TaskSpec]) -> None:
@@ -116,9 +120,80 @@ class MultiTaskModule(LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
         self.hparams["tasks"] = [s.to_dict() for s in specs]
+        # The init file is read once, when the run starts; a checkpoint of this run already holds those weights, and
+        # load_from_checkpoint must not look for a file that may be gone.
+        self.hparams["init_from"] = None
         for key in _OBJECT_ARGS:
             if key in self.hparams and not isinstance(self.hparams[key], (dict, str, type(None))):
                 del self.hparams[key]
+
+    def _build_task_parts(self) -> None:
+        """Heads, losses and metrics of tasks that lack them; drop those of removed tasks; rebuild per-task state.
+
+        Called by ``__init__`` and by :meth:`add_task` / :meth:`remove_task`: the parts of tasks that stay keep their
+        weights. The per-task state sized by the number of tasks (loss trackers, static weights, the balancer's
+        state) is rebuilt for the new task list.
+        """
+        specs = list(self.tasks.values())
+        bind = getattr(self.encoder, "bind_tasks", None)
+        if callable(bind):  # encoders with per-task parts (gates, towers) learn the task names here
+            bind(list(self.tasks))
+        widths = self._representation_widths(self.encoder)
+        for parts in (self.heads, self.losses, self.train_metrics, self.val_metrics, self.test_metrics):
+            for name in [n for n in parts if n not in self.tasks]:
+                del parts[name]
+        for spec in specs:
+            if spec.name not in self.heads:
+                self.heads[spec.name] = build_head(spec, widths[spec.name])
+                self.losses[spec.name] = build_loss(spec)
+                for stage in STAGES:
+                    getattr(self, f"{stage}_metrics")[spec.name] = build_metrics(spec, stage)
+        # The ModuleDicts follow the task order (a new task goes last, like in the spec list).
+        for parts in (self.heads, self.losses, self.train_metrics, self.val_metrics, self.test_metrics):
+            ordered = [(n, parts[n]) for n in self.tasks]
+            parts.clear()
+            parts.update(ordered)
+        self.balancer.bind(specs, self.encoder)
+        # Separate attributes, not a ModuleDict: "train" is a method name that ModuleDict keys may not take.
+        self.train_loss_mean = TaskLossMean(len(specs))
+        self.val_loss_mean = TaskLossMean(len(specs))
+        self.test_loss_mean = TaskLossMean(len(specs))
+        # Per-step losses and metric inputs, fed to the trackers above and the metrics in blocks of steps.
+        self._pending = {stage: StepAccumulator() for stage in STAGES}
+        self.register_buffer("static_weights", torch.tensor([s.weight for s in specs]), persistent=False)
+        self.hparams["tasks"] = [s.to_dict() for s in specs]
+
+    def _check_between_fits(self, action: str) -> None:
+        trainer = self._trainer
+        if trainer is not None and (trainer.training or trainer.validating or trainer.testing or trainer.predicting):
+            raise RuntimeError(f"{action}: call it between fits, not while the trainer runs")
+
+    def add_task(self, spec: TaskSpec | Mapping[str, Any]) -> None:
+        """Add a task to a (trained) model between fits: a new head, loss and metrics; everything else is kept.
+
+        The next ``trainer.fit`` builds a fresh optimizer (and LR schedule) over all parameters, so no optimizer
+        state of the old task set is carried over; a stateful balancer restarts its state for the new task list.
+        Save with ``trainer.save_checkpoint``: the checkpoint then records the new task list.
+        """
+        self._check_between_fits("add_task")
+        new = parse_tasks([*self.tasks.values(), spec])[-1]
+        self.tasks[new.name] = new
+        self._build_task_parts()
+        self._values_checked.clear()
+        device = next(self.encoder.parameters(), torch.zeros(())).device
+        self.to(device)
+
+    def remove_task(self, name: str) -> None:
+        """Remove a task between fits: its head, loss and metrics go; the other tasks keep their weights."""
+        self._check_between_fits("remove_task")
+        if name not in self.tasks:
+            raise ValueError(f"unknown task {name!r}; this model's tasks are {self.task_names}")
+        if len(self.tasks) == 1:
+            raise ValueError(f"cannot remove {name!r}: it is the model's only task")
+        del self.tasks[name]
+        if self._active is not None:
+            self._active.discard(name)
+        self._build_task_parts()
 
     def _representation_widths(self, encoder: nn.Module) -> dict[str, int]:
         width = getattr(encoder, "out_features", None)
@@ -153,10 +228,11 @@ class MultiTaskModule(LightningModule):
             return dict.fromkeys(self.tasks, z), z
         return {name: z.view_as(z) for name in self.tasks}, z
 
-    def head_outputs(self, reps: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Raw head outputs in canonical shape: ``(N,)`` for one output, ``(N, K)`` otherwise."""
+    def head_outputs(self, reps: Mapping[str, Tensor], names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Raw head outputs of ``names`` (default: every task) in canonical shape: ``(N,)`` or ``(N, K)``."""
         outputs = {}
-        for name, spec in self.tasks.items():
+        for name in self.tasks if names is None else names:
+            spec = self.tasks[name]
             out = self.heads[name](reps[name])
             outputs[name] = out.squeeze(-1) if spec.num_outputs == 1 and spec.kind != "multilabel" else out
         return outputs
@@ -196,6 +272,38 @@ class MultiTaskModule(LightningModule):
             counts.append(c)
         return torch.stack(sums).float(), torch.stack(counts)
 
+    def _scheduled_outputs(self, reps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Head outputs of the active tasks; a disabled task's head runs on zero rows.
+
+        The zero-row output costs nothing yet ties the head's parameters to the loss (through the absent-task zero in
+        :meth:`task_losses`), so every strategy sees the same zero gradient: DDP finds no unused parameters, FSDP2
+        all-gathers and reduces the head's shards, and optimizers treat the head alike on one process or many.
+        """
+        active = self.active_tasks
+        outputs = self.head_outputs(reps, active)
+        if len(active) < len(self.tasks):
+            idle = {n: r[:0] for n, r in reps.items() if n not in outputs}
+            outputs.update(self.head_outputs(idle, list(idle)))
+        return outputs
+
+    @property
+    def active_tasks(self) -> list[str]:
+        """The tasks computed in training and evaluation steps (all, unless a schedule disabled some)."""
+        return list(self.tasks) if self._active is None else [n for n in self.tasks if n in self._active]
+
+    def set_active_tasks(self, names: Sequence[str] | None) -> None:
+        """Compute only ``names`` from now on (None: every task); e.g. from a curriculum callback.
+
+        A disabled task's head runs on zero rows only, its loss is a zero (its weight renormalises away) and
+        its losses and metrics are not logged, so its curves show a gap rather than zeros. Predictions
+        (``forward``/``predict_step``) always cover every task. Call it with the same names on every rank.
+        """
+        if names is not None:
+            unknown = sorted(set(names) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; this model's tasks are {self.task_names}")
+        self._active = None if names is None else set(names)
+
     def _accumulate(
         self,
         stage: str,
@@ -230,10 +338,14 @@ class MultiTaskModule(LightningModule):
             "enable gradient clipping (trainer.gradient_clip_val), or check those tasks' targets for inf/huge values"
         )
 
+    def _active_targets(self, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        return targets if self._active is None else {k: v for k, v in targets.items() if k in self._active}
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets = self._unpack(batch, "train")
+        targets = self._active_targets(targets)
         reps, shared = self.representations(inputs)
-        outputs = self.head_outputs(reps)
+        outputs = self._scheduled_outputs(reps)
         sums, counts = self.task_losses(outputs, targets)
         # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
         # averaging gives exactly the single-process mean over the global batch, even when ranks hold different
@@ -290,12 +402,16 @@ class MultiTaskModule(LightningModule):
         values = self.trainer.strategy.reduce(stacked, reduce_op="mean")
         logs = {"train/loss": values[0]}
         n = len(self.tasks)
+        active = self.active_tasks
         for i, name in enumerate(self.tasks):
-            logs[f"train/{name}/loss"] = values[1 + i]
-            logs[f"train/balance/weight/{name}"] = values[1 + n + i]
+            if name in active:  # a disabled task logs nothing rather than zeros
+                logs[f"train/{name}/loss"] = values[1 + i]
+                logs[f"train/balance/weight/{name}"] = values[1 + n + i]
         for j, key in enumerate(encoder_logs):
             logs[f"train/encoder/{key}"] = values[1 + 2 * n + j]
-        logs.update({f"train/balance/{k}": v for k, v in extra.items()})
+        # Balancer telemetry names tasks as path segments (grad_norm/<task>, cosine/<a>/<b>): drop disabled tasks'.
+        off = set(self.tasks) - set(active)
+        logs.update({f"train/balance/{k}": v for k, v in extra.items() if not off & set(k.split("/"))})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
 
     def _encoder_logs(self) -> dict[str, Tensor]:
@@ -309,7 +425,8 @@ class MultiTaskModule(LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         inputs, targets = self._unpack(batch, stage)
-        outputs = self(inputs)
+        targets = self._active_targets(targets)
+        outputs = self._scheduled_outputs(self.representations(inputs)[0])
         sums, counts = self.task_losses(outputs, targets)
         self._accumulate(stage, sums, counts, outputs, targets)
 
@@ -336,11 +453,12 @@ class MultiTaskModule(LightningModule):
             # The epoch loss of an evaluation stage: static-weighted mean of the per-task epoch means.
             w = self.static_weights.to(means.dtype) * labelled
             logs[f"{stage}/loss"] = (torch.nan_to_num(means) * w).sum() / w.sum().clamp_min(1e-12)
-            logs.update({f"{stage}/{name}/loss": means[i] for i, name in enumerate(self.tasks)})
+            active = self.active_tasks
+            logs.update({f"{stage}/{name}/loss": means[i] for i, name in enumerate(self.tasks) if name in active})
         collections = getattr(self, f"{stage}_metrics")
         if stage != "train" or self.update_train_metrics:
             for i, name in enumerate(self.tasks):
-                if bool(labelled[i]):
+                if bool(labelled[i]) and name in self.active_tasks:
                     logs.update(collections[name].compute())
                 collections[name].reset()
         # The values are already global (torchmetrics and the loss tracker reduce their states across ranks in

@@ -72,6 +72,10 @@ def _fit_args(root: Path, preset: str, epochs: int = EPOCHS) -> list[str]:
         *("fit", "--config", str(QUICKSTART), "--config", str(cfg), *PRESETS[preset]),
         *("--trainer.max_epochs", str(epochs), "--trainer.logger.init_args.save_dir", str(root / "runs")),
         *_callback("DumpRun", out=str(root / "dump")),
+        # `spend` joins at epoch 1: before that its head is not run, only touched, and DDP must not see unused
+        # parameters (FSDP2: its sharded parameters get zero gradients).
+        "--trainer.callbacks+",
+        json.dumps({"class_path": "mtl_lightning.callbacks.TaskSchedule", "init_args": {"start": {"spend": 1}}}),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from mtl_lightning.callbacks.conflict_heatmap import GradientConflictHeatmap
 from mtl_lightning.callbacks.metrics_table import MetricsTable, task_table
+from mtl_lightning.callbacks.task_schedule import TaskSchedule
 from mtl_lightning.callbacks.throughput import ThroughputTimer
 
-__all__ = ["GradientConflictHeatmap", "MetricsTable", "ThroughputTimer", "task_table"]
+__all__ = ["GradientConflictHeatmap", "MetricsTable", "TaskSchedule", "ThroughputTimer", "task_table"]
