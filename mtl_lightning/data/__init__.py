@@ -2,17 +2,24 @@
 
 from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.per_task import PerTaskDataModule, PerTaskDataset
+from mtl_lightning.data.sampling import EvalBatchSampler, TaskBatchSampler, task_probabilities
 from mtl_lightning.data.sequences import SequenceDataModule
 from mtl_lightning.data.synthetic import SyntheticDataModule
 from mtl_lightning.data.tabular import TabularDataModule
 
 __all__ = [
     "DataError",
+    "EvalBatchSampler",
     "MultiTaskDataModule",
     "MultiTaskTensorDataset",
+    "PerTaskDataModule",
+    "PerTaskDataset",
     "SequenceDataModule",
     "SyntheticDataModule",
     "TabularDataModule",
+    "TaskBatchSampler",
     "collate_batch",
     "split_indices",
+    "task_probabilities",
 ]
