@@ -30,8 +30,8 @@ from mtl_lightning.losses import build_loss, masked_loss
 from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update, predictions
 from mtl_lightning.monitoring import check_monitors
 from mtl_lightning.sharding import fully_shard_model, register_units
-from mtl_lightning.targets import canonical_target, check_targets
-from mtl_lightning.tasks import TaskSpec, parse_tasks
+from mtl_lightning.targets import canonical_target, check_targets, expected_shape
+from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec, parse_tasks
 from mtl_lightning.transfer import InitReport, load_matching
 
 STAGES = ("train", "val", "test")
@@ -360,8 +360,9 @@ class MultiTaskModule(LightningModule):
         result = self.balancer(BalanceInput(means, present, reps, self.global_step, log=log_now, shared=shared))
         self._last_means = means.detach()
         self._accumulate("train", sums, counts, outputs if self.update_train_metrics else None, targets)
-        if log_now:
-            self._log_train_step(result.loss, means, result.weights, result.logs)
+        if log_now:  # a task without a label anywhere in the step logs NaN (a gap in the curve), not a zero loss
+            shown = torch.where(present, means.detach(), torch.full_like(means, torch.nan))
+            self._log_train_step(result.loss, shown, result.weights, result.logs)
         return result.loss
 
     def _global_counts(self, counts: Tensor) -> Tensor:
@@ -457,6 +458,7 @@ class MultiTaskModule(LightningModule):
             logs.update({f"{stage}/{name}/loss": means[i] for i, name in enumerate(self.tasks) if name in active})
         collections = getattr(self, f"{stage}_metrics")
         if stage != "train" or self.update_train_metrics:
+            self._prime_idle_metrics(collections, labelled)
             for i, name in enumerate(self.tasks):
                 if bool(labelled[i]) and name in self.active_tasks:
                     logs.update(collections[name].compute())
@@ -467,6 +469,25 @@ class MultiTaskModule(LightningModule):
         self.log_dict(
             {k: v.float() for k, v in logs.items()}, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
         )
+
+    def _prime_idle_metrics(self, collections: nn.ModuleDict, labelled: Tensor) -> None:
+        """Under DDP, give a task's metrics one fully masked row on a rank that never updated them this epoch.
+
+        compute() syncs every metric state across ranks, and a rank whose list states (AUROC's) are still empty
+        joins fewer collectives than the others: gloo fails on mismatched sizes, NCCL hangs. This happens when a
+        task's rows all land on other ranks (per-task datasets, a rare task). A masked row changes no state.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return
+        for i, (name, spec) in enumerate(self.tasks.items()):
+            collection = collections[name]
+            if not bool(labelled[i]) or all(m.update_count for m in collection.values(copy_state=False)):
+                continue
+            width = int(spec.num_outputs or 1)
+            out = torch.zeros((1,) if width == 1 and spec.kind != "multilabel" else (1, width), device=self.device)
+            missing, dtype = (IGNORE_INDEX, torch.long) if spec.integer_targets else (torch.nan, torch.float)
+            target = torch.full(expected_shape(spec, 1), missing, dtype=dtype, device=self.device)
+            metric_update(collection, spec, *metric_inputs(spec, out, target))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.balancer.on_train_batch_end(self._last_means)

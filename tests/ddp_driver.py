@@ -122,6 +122,14 @@ class GlobalBatchData(LightningDataModule):
         batches = [rank_batch(b, rank, world) for b in global_batches(self.kind, self.steps, self.batch_size)]
         return DataLoader(batches, batch_size=None, shuffle=False)
 
+    def val_dataloader(self) -> DataLoader:
+        """With missing labels: rank 1 never sees task ``bin`` in validation (its AUROC list state stays empty there)."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        batches = global_batches(self.kind, 2, self.batch_size)
+        for b in batches:
+            b["absent"] = {"bin": [1]} if self.kind == "missing" else {}
+        return DataLoader([rank_batch(b, rank, world) for b in batches], batch_size=None, shuffle=False)
+
 
 class SeedEachStep(Callback):
     """Seed the global RNG before every step: ``step`` (the same on every rank and in the single process), or
@@ -159,7 +167,7 @@ def train(run: str, devices: int, steps: int, batch_size: int, out: Path) -> Non
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=None if data == "missing" else 0,
         use_distributed_sampler=False,
         log_every_n_steps=1,
         callbacks=[SeedEachStep(desync="desync" in flags)],
