@@ -1,8 +1,16 @@
 """Callbacks of the template (Lightning's own callbacks are used wherever they fit)."""
 
 from mtl_lightning.callbacks.conflict_heatmap import GradientConflictHeatmap
+from mtl_lightning.callbacks.finetuning import EncoderFinetuning
 from mtl_lightning.callbacks.metrics_table import MetricsTable, task_table
 from mtl_lightning.callbacks.task_schedule import TaskSchedule
 from mtl_lightning.callbacks.throughput import ThroughputTimer
 
-__all__ = ["GradientConflictHeatmap", "MetricsTable", "TaskSchedule", "ThroughputTimer", "task_table"]
+__all__ = [
+    "EncoderFinetuning",
+    "GradientConflictHeatmap",
+    "MetricsTable",
+    "TaskSchedule",
+    "ThroughputTimer",
+    "task_table",
+]

@@ -2,6 +2,7 @@
 
 from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.images import SyntheticImageDataModule
 from mtl_lightning.data.per_task import PerTaskDataModule, PerTaskDataset
 from mtl_lightning.data.sampling import EvalBatchSampler, TaskBatchSampler, task_probabilities
 from mtl_lightning.data.sequences import SequenceDataModule
@@ -17,6 +18,7 @@ __all__ = [
     "PerTaskDataset",
     "SequenceDataModule",
     "SyntheticDataModule",
+    "SyntheticImageDataModule",
     "TabularDataModule",
     "TaskBatchSampler",
     "collate_batch",

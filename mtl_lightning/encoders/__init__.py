@@ -2,7 +2,31 @@
 instance exposes ``out_features``, the width of the representation the heads are built on. An encoder may
 return one tensor (hard sharing) or a ``{task: tensor}`` dict (one representation per task)."""
 
+from mtl_lightning.encoders.cnn import SmallCNN
+from mtl_lightning.encoders.cross_stitch import CrossStitch, CrossStitchConv, CrossStitchUnit
 from mtl_lightning.encoders.mlp import MLPEncoder
+from mtl_lightning.encoders.mmoe import MMoE
+from mtl_lightning.encoders.mtan import MTAN
+from mtl_lightning.encoders.ple import CGC, PLE
+from mtl_lightning.encoders.resnet import ResNetEncoder
+from mtl_lightning.encoders.shared_bottom import PartialSharing, SharedBottom
+from mtl_lightning.encoders.task_conditioned import TaskConditioned
 from mtl_lightning.encoders.transformer import TransformerBlock, TransformerEncoder
 
-__all__ = ["MLPEncoder", "TransformerBlock", "TransformerEncoder"]
+__all__ = [
+    "CGC",
+    "MTAN",
+    "PLE",
+    "CrossStitch",
+    "CrossStitchConv",
+    "CrossStitchUnit",
+    "MLPEncoder",
+    "MMoE",
+    "PartialSharing",
+    "ResNetEncoder",
+    "SharedBottom",
+    "SmallCNN",
+    "TaskConditioned",
+    "TransformerBlock",
+    "TransformerEncoder",
+]
