@@ -64,9 +64,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_matching(
-    model: nn.Module, path: str | Path, include: Sequence[str] = (), strict: bool = True
-) -> InitReport:
+def load_matching(model: nn.Module, path: str | Path, include: Sequence[str] = (), strict: bool = True) -> InitReport:
     """Copy into ``model`` every tensor of the file whose name and shape match.
 
     Args:
