@@ -16,17 +16,18 @@ Sides, all timed in the same rounds:
 - every class exported by ``mtl_lightning.balancers`` that subclasses ``Balancer``, built with its defaults
   (loss-weighting ones added later are picked up; classes that fail to build or to run a step are listed as skipped
   with the reason); gradient methods in representation mode (their default);
-- gradient methods that have a parameter mode, as ``Method(mode="parameter")``;
+- gradient methods that have a parameter mode, as ``Method(mode="parameter")`` (its default Gramian, one T-batched
+  backward to the encoder's parameters), and UPGrad also as ``UPGrad(mode="parameter", gramian="autogram")``;
 - TorchJD's own recipes on the same encoder and heads, with TorchJD's ``UPGrad``: ``mtl_backward(losses, features=z)``
-  + ``jac_to_grad(encoder parameters, UPGrad())`` + ``optimizer.step()`` (autojac, the full Jacobian), and
-  ``Engine(encoder leaves).compute_gramian(losses)`` + ``UPGradWeighting`` + ``losses.backward(weights)`` (autogram,
-  what parameter mode uses inside).
+  + ``jac_to_grad(encoder parameters, UPGrad())`` + ``optimizer.step()`` (autojac, the full Jacobian: what
+  ``gramian="batched"`` computes), and ``Engine(encoder leaves).compute_gramian(losses)`` + ``UPGradWeighting`` +
+  ``losses.backward(weights)`` (autogram, what ``gramian="autogram"`` uses inside).
 
 Each round times every side once (round-robin, so drifts of the machine hit all sides alike): ``--warmup`` untimed
 steps, then enough steps for ``--min-time`` seconds (at least ``--min-steps``). Over ``--repeats`` rounds the table
 gives each side's median ms/step and the median of its per-round ratios to equal weighting (EqualWeighting).
 
-    python benchmarks/balancing.py                          # T = 2, 10, 40; about 2 minutes on 2 CPU cores
+    python benchmarks/balancing.py                          # T = 2, 10, 40; about 2.5 minutes on 2 CPU cores
     python benchmarks/balancing.py --tasks 10 --methods UPGrad FAMO --out balancing.csv
 """
 
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 
 BASELINE = "EqualWeighting"
 TORCHJD_SIDES = ("torchjd autojac: mtl_backward+jac_to_grad", "torchjd autogram: Engine+UPGradWeighting")
+AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"  # our parameter mode with gramian="autogram", against TorchJD's
 # Published time per epoch relative to equal weighting on CelebA (40 tasks), given with this benchmark's targets.
 PUBLISHED_CELEBA = {"PCGrad": 8.1, "NashMTL": 6.1, "MGDA": 5.6, "CAGrad": 4.5, "FAMO": 1.08}
 
@@ -233,7 +235,7 @@ def torchjd_sides(batches, num_tasks: int, args: argparse.Namespace) -> list[Sid
     return sides
 
 
-def check_against_torchjd(batches, num_tasks: int, args: argparse.Namespace) -> float:
+def check_against_torchjd(batches, num_tasks: int, args: argparse.Namespace, gramian: str = "batched") -> float:
     """Max |difference| of the weights after one step: our UPGrad(mode="parameter") against TorchJD's autojac.
 
     Both give each head its own task's gradient and the encoder UPGrad's combination of the task gradients
@@ -244,7 +246,7 @@ def check_against_torchjd(batches, num_tasks: int, args: argparse.Namespace) -> 
 
     from mtl_lightning.balancers import EqualWeighting, UPGrad
 
-    a = build_module(UPGrad(mode="parameter"), num_tasks, args)
+    a = build_module(UPGrad(mode="parameter", gramian=gramian), num_tasks, args)
     b = build_module(EqualWeighting(), num_tasks, args)  # same seed: the same initial weights
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
@@ -275,6 +277,9 @@ def build_sides(num_tasks: int, args: argparse.Namespace, skipped: list[Skipped]
         candidates.append((name, kind, cls))
         if not args.no_parameter_mode and has_parameter_mode(cls):
             candidates.append((f"{name} (parameter)", "parameter", functools.partial(cls, mode="parameter")))
+            if name == "UPGrad":
+                autogram = functools.partial(cls, mode="parameter", gramian="autogram")
+                candidates.append((AUTOGRAM_SIDE, "parameter", autogram))
     sides = []
     for name, kind, make in candidates:
         try:
@@ -315,13 +320,18 @@ def time_side(side: Side, start: int, args: argparse.Namespace) -> int:
     return i
 
 
-def measure(args: argparse.Namespace) -> tuple[dict[int, list[Side]], list[Skipped], dict[int, float]]:
+def measure(
+    args: argparse.Namespace,
+) -> tuple[dict[int, list[Side]], list[Skipped], dict[int, dict[str, float]]]:
     results, skipped, checks = {}, [], {}
     for num_tasks in args.tasks:
         t0 = time.perf_counter()
         sides = build_sides(num_tasks, args, skipped)
         if not args.no_parameter_mode:
-            checks[num_tasks] = check_against_torchjd(make_batches(num_tasks, args), num_tasks, args)
+            checks[num_tasks] = {
+                g: check_against_torchjd(make_batches(num_tasks, args), num_tasks, args, g)
+                for g in ("batched", "autogram")
+            }
         counters = dict.fromkeys((s.name for s in sides), 2)
         for _ in range(args.repeats):
             for side in sides:
@@ -349,11 +359,12 @@ def summarise(results: dict[int, list[Side]]) -> dict[str, dict[int, dict[str, f
                 "lo": min(ratios),
                 "hi": max(ratios),
                 "kind": side.kind,  # type: ignore[dict-item]
+                "rounds": side.ms,  # type: ignore[dict-item]
             }
     return table
 
 
-def print_report(table, skipped: list[Skipped], checks: dict[int, float], args: argparse.Namespace) -> None:
+def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, float]], args: argparse.Namespace) -> None:
     tasks = args.tasks
     print(
         f"\ntorch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads "
@@ -372,16 +383,27 @@ def print_report(table, skipped: list[Skipped], checks: dict[int, float], args: 
             line += f" {row['ms']:>10.2f} {row['ratio']:>6.2f}" if row else f" {'-':>10} {'-':>6}"
         print(line)
     if not args.no_parameter_mode:
-        print("\nparameter mode against TorchJD (UPGrad, same model): ratio of median ms/step")
+        print(
+            "\nparameter mode against TorchJD (UPGrad, same model): median ms/step, and the median over rounds of "
+            "ours / TorchJD's in the same round (min-max)"
+        )
+
+        def versus(a: dict, b: dict) -> str:
+            ratios = [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+            return (
+                f"{a['ms']:.2f} vs {b['ms']:.2f} ms: {statistics.median(ratios):.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f})"
+            )
+
         for t in tasks:
-            ours = table.get("UPGrad (parameter)", {}).get(t)
+            ours, ours_ag = (table.get(n, {}).get(t) for n in ("UPGrad (parameter)", AUTOGRAM_SIDE))
             autojac, autogram = (table.get(n, {}).get(t) for n in TORCHJD_SIDES)
-            if ours and autojac and autogram:
+            if ours and ours_ag and autojac and autogram:
+                check = checks.get(t, {})
                 print(
-                    f"  T={t:<3} ours {ours['ms']:.2f} ms; autojac {autojac['ms']:.2f} ms (ours/autojac "
-                    f"{ours['ms'] / autojac['ms']:.2f}); autogram {autogram['ms']:.2f} ms (ours/autogram "
-                    f"{ours['ms'] / autogram['ms']:.2f}); max |Δweights| after one step ours vs autojac "
-                    f"{checks.get(t, math.nan):.1e}"
+                    f"  T={t:<3} batched vs autojac {versus(ours, autojac)}; autogram vs autogram "
+                    f"{versus(ours_ag, autogram)}; max |Δweights| after one step vs autojac: batched "
+                    f"{check.get('batched', math.nan):.1e}, autogram {check.get('autogram', math.nan):.1e}"
                 )
     big = max(tasks)
     quoted = [n for n in PUBLISHED_CELEBA if n in table and big in table[n]]

@@ -4,6 +4,7 @@ fitted and then tested in one process is not wrapped twice; compiled checkpoints
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,22 @@ def _mlp_args(model: MultiTaskModule) -> dict:
 
 
 @pytest.fixture
-def one_process_group():
-    """A world of one gloo process in this process, destroyed afterwards."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+def one_process_group(monkeypatch: pytest.MonkeyPatch):
+    """A world of one gloo process in this process (on a free port), destroyed afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    before = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in before.items():  # Lightning exports the rank variables; later tests must not see them
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_fsdp2_fit_then_test_shards_once(tmp_path: Path, one_process_group: None) -> None:
@@ -92,3 +102,10 @@ def test_fsdp1_clips_gradients_by_norm(tmp_path: Path) -> None:
     cli = run_cli(["fit", *ONE_EPOCH, *fsdp, "--trainer.gradient_clip_val", "0.5"], tmp_path)
     assert cli.trainer.state.finished
     assert cli.trainer.callback_metrics["val/loss"].isfinite()
+
+
+def test_parameter_mode_balancer_is_refused_on_a_sharded_model(tmp_path: Path, one_process_group: None) -> None:
+    fsdp2 = ["--trainer", str(CONFIGS / "trainer" / "fsdp2.yaml"), "--trainer.accelerator", "cpu"]
+    upgrad = ["--model.balancer", str(CONFIGS / "balancer" / "upgrad.yaml"), "--model.balancer.init_args.mode"]
+    with pytest.raises(ConfigError, match="cannot run on a sharded model: mode: parameter needs the full encoder"):
+        run_cli(["fit", *ONE_EPOCH, *fsdp2, "--trainer.devices", "1", *upgrad, "parameter"], tmp_path)

@@ -225,23 +225,101 @@ def spy_gramians(balancer) -> list[torch.Tensor]:
     return seen
 
 
+def separate_jacobian(losses: torch.Tensor, params) -> torch.Tensor:
+    """(T, P): one ``torch.autograd.grad`` per task, the reference for every parameter-mode Gramian."""
+    params = list(params)
+    return torch.stack([grads_of(loss, params) for loss in losses])
+
+
+def hooked(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+GRAMIANS = ["batched", "autogram"]
+
+
+@pytest.mark.parametrize("gramian", GRAMIANS)
+@pytest.mark.parametrize("aliases", [False, True], ids=["one-z", "aliases"])
 @pytest.mark.parametrize("cls", [UPGrad, MGDA])
-def test_parameter_mode_gramian_and_update_are_exact(cls):
+def test_parameter_mode_gramian_and_update_are_exact(cls, aliases, gramian):
     model = Tiny()
     _, _, jtheta, head_grads = by_hand(model)
-    # Binding hooks the encoder for TorchJD's autogram engine: every forward after it must reach the balancer.
-    balancer = make(cls, encoder=model.encoder, mode="parameter")
+    # autogram hooks the encoder at bind: every forward after it must reach the balancer. batched hooks nothing.
+    balancer = make(cls, encoder=model.encoder, mode="parameter", gramian=gramian)
+    assert hooked(model.encoder) == (gramian == "autogram") and (balancer._engine is None) == (gramian == "batched")
     gramians = spy_gramians(balancer)
-    out = through_balancer(model, balancer)
-    gramian = jtheta @ jtheta.T
-    torch.testing.assert_close(gramians[0], gramian, atol=1e-6, rtol=1e-4)
-    weights = WEIGHTINGS[cls]()(gramian)
+    model.zero_grad()
+    z = model.encoder(model.x)
+    # aliases: what MultiTaskModule.representations() passes under hard sharing (one view of z per head)
+    reps = {n: z.view_as(z) for n in "abc"} if aliases else dict.fromkeys("abc", z)
+    losses = model.losses(reps)
+    reference = separate_jacobian(losses, model.encoder.parameters())
+    torch.testing.assert_close(reference, jtheta)
+    out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps, shared=z if aliases else None))
+    out.loss.backward()
+    gramian_ = jtheta @ jtheta.T
+    torch.testing.assert_close(gramians[0], gramian_, atol=1e-7, rtol=1e-5)
+    weights = WEIGHTINGS[cls]()(gramian_)
     torch.testing.assert_close(out.weights, weights, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(param_grad(model.encoder.parameters()), weights @ jtheta, atol=1e-6, rtol=1e-4)
+    # the encoder's gradient after the step is TorchJD's aggregator applied to the per-task parameter gradients
+    aggregator = tjd.UPGrad() if cls is UPGrad else tjd.MGDA()
+    torch.testing.assert_close(param_grad(model.encoder.parameters()), aggregator(jtheta), atol=1e-6, rtol=1e-4)
     for head, expected in zip(model.heads, head_grads, strict=True):
         torch.testing.assert_close(param_grad(head.parameters()), expected, atol=1e-7, rtol=1e-5)
     norms = torch.stack([out.logs[f"grad_norm/{n}"] for n in "abc"])
     torch.testing.assert_close(norms, jtheta.norm(dim=1), atol=1e-6, rtol=1e-4)
+
+
+def test_batched_gramian_of_a_wider_encoder_matches_separate_backwards():
+    # More parameters and tasks than Tiny, several parameter tensors: sum_p J_p J_p^T = J J^T to float32 rounding.
+    torch.manual_seed(3)
+    encoder = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(16, 2) for _ in range(6)])
+    x, y = torch.randn(64, 8), torch.randn(64, 6, 2)
+    balancer = make(UPGrad, "abcdef", encoder=encoder, mode="parameter")
+    gramians = spy_gramians(balancer)
+    z = encoder(x)
+    reps = {n: z.view_as(z) for n in "abcdef"}
+    losses = torch.stack(
+        [F.mse_loss(h(reps[n]), y[:, t]) for t, (n, h) in enumerate(zip("abcdef", heads, strict=True))]
+    )
+    jtheta = separate_jacobian(losses, encoder.parameters()).double()
+    out = balancer(BalanceInput(losses, torch.ones(6, dtype=torch.bool), reps, shared=z))
+    out.loss.backward()
+    expected = (jtheta @ jtheta.T).float()
+    torch.testing.assert_close(gramians[0], expected, atol=0, rtol=1e-5)
+    torch.testing.assert_close(param_grad(encoder.parameters()), tjd.UPGrad()(jtheta.float()), atol=1e-6, rtol=1e-4)
+
+
+def test_batched_gramian_falls_back_to_one_backward_per_task(monkeypatch):
+    # Graphs with an op that has no batching rule: the same Gramian from T ordinary backward passes.
+    model = Tiny()
+    _, _, jtheta, _ = by_hand(model)
+    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
+    gramians = spy_gramians(balancer)
+    grad, refused = torch.autograd.grad, []
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            refused.append(args[1])
+            raise RuntimeError("vmap: no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    through_balancer(model, balancer)
+    assert any(isinstance(inputs, list) and inputs[0] is model.encoder[0].weight for inputs in refused)
+    torch.testing.assert_close(gramians[0], jtheta @ jtheta.T, atol=1e-7, rtol=1e-5)
+
+
+def test_parameter_mode_ignores_parameters_frozen_after_bind():
+    model = Tiny()
+    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
+    model.encoder[0].bias.requires_grad_(False)
+    gramians = spy_gramians(balancer)
+    z, losses = model()
+    jtheta = separate_jacobian(losses, [model.encoder[0].weight])
+    balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), dict.fromkeys("abc", z)))
+    torch.testing.assert_close(gramians[0], jtheta @ jtheta.T, atol=1e-7, rtol=1e-5)
 
 
 class PerTaskEncoder(nn.Module):
@@ -258,19 +336,51 @@ class PerTaskEncoder(nn.Module):
         return {n: torch.tanh(t(h)) for n, t in self.towers.items()}
 
 
-def test_per_task_representations_work_in_parameter_mode():
-    model = Tiny()
-    model.encoder = PerTaskEncoder()
-    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
-    enc = list(model.encoder.parameters())
-    reps = model.encoder(model.x)
-    losses = model.losses(reps)
-    jtheta = torch.stack([grads_of(loss, enc) for loss in losses])
+class TinyMMoE(nn.Module):
+    """Multi-gate mixture of experts: shared experts, one softmax gate per task, ``{task: sum_e gate_te expert_e}``.
+
+    Task ``c`` reads task ``b``'s mixture (two tasks on one tensor) and task ``a``'s is wider (shapes differ).
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.experts = nn.ModuleList([nn.Linear(4, 3) for _ in range(2)])
+        self.gates = nn.ModuleDict({n: nn.Linear(4, 2) for n in "ab"})
+        self.widen = nn.Linear(3, 5)
+
+    def forward(self, x):
+        experts = torch.stack([torch.tanh(e(x)) for e in self.experts], dim=1)  # (N, E, 3)
+        mix = {n: (torch.softmax(g(x), -1)[..., None] * experts).sum(1) for n, g in self.gates.items()}
+        return {"a": self.widen(mix["a"]), "b": mix["b"], "c": mix["b"]}
+
+
+def per_task_losses(reps, heads, y):
+    return torch.stack([F.mse_loss(heads[n](r).sum(-1), y[:, t]) for t, (n, r) in enumerate(reps.items())])
+
+
+@pytest.mark.parametrize("gramian", GRAMIANS)
+@pytest.mark.parametrize("encoder_cls", [PerTaskEncoder, TinyMMoE])
+def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian):
+    encoder = encoder_cls()
+    heads = nn.ModuleDict({"a": nn.Linear(5 if encoder_cls is TinyMMoE else 3, 1), "b": nn.Linear(3, 1)})
+    heads["c"] = nn.Linear(3, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    balancer = make(UPGrad, encoder=encoder, mode="parameter", gramian=gramian)
+    gramians = spy_gramians(balancer)
+    enc = list(encoder.parameters())
+    reps = encoder(x)
+    losses = per_task_losses(reps, heads, y)
+    jtheta = separate_jacobian(losses, enc)
+    head_grads = [grads_of(losses[t], list(heads[n].parameters())) for t, n in enumerate("abc")]
     out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps))
     out.loss.backward()
+    torch.testing.assert_close(gramians[0], jtheta @ jtheta.T, atol=1e-7, rtol=1e-5)
     weights = WEIGHTINGS[UPGrad]()(jtheta @ jtheta.T)
     torch.testing.assert_close(out.weights, weights, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(param_grad(enc), weights @ jtheta, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(param_grad(enc), tjd.UPGrad()(jtheta), atol=1e-6, rtol=1e-4)
+    for n, expected in zip("abc", head_grads, strict=True):
+        torch.testing.assert_close(param_grad(heads[n].parameters()), expected, atol=1e-7, rtol=1e-5)
 
 
 def test_per_task_representations_need_parameter_mode():
@@ -281,9 +391,10 @@ def test_per_task_representations_need_parameter_mode():
         make(UPGrad)(BalanceInput(model.losses(reps), torch.ones(3, dtype=torch.bool), reps))
 
 
-def test_parameter_mode_with_an_absent_task():
+@pytest.mark.parametrize("gramian", GRAMIANS)
+def test_parameter_mode_with_an_absent_task(gramian):
     model = Tiny()
-    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
+    balancer = make(UPGrad, encoder=model.encoder, mode="parameter", gramian=gramian)
     z, losses = model()
     losses = losses * torch.tensor([1.0, 0.0, 1.0])
     out = balancer(BalanceInput(losses, torch.tensor([True, False, True]), dict.fromkeys("abc", z)))
@@ -398,6 +509,17 @@ def test_no_telemetry_when_the_step_is_not_logged():
     assert out.logs == {} and quiet.last_cosine is None
 
 
+def test_graddrop_skips_its_effective_weights_on_steps_not_logged():
+    # The least-squares "effective weights" only feed the logs; the update is the same either way.
+    jac = conflicting(3, 5, 0)
+    logged, grad = controlled(make(GradDrop), jac, seed=4)
+    quiet, grad_quiet = controlled(make(GradDrop), jac, log=False, seed=4)
+    torch.testing.assert_close(grad_quiet, grad)
+    assert not torch.equal(logged.weights, torch.ones(3)) and torch.equal(quiet.weights, torch.ones(3))
+    quiet, _ = controlled(make(GradDrop), jac, present=[True, False, True], log=False, seed=4)
+    assert torch.equal(quiet.weights, torch.tensor([1.0, 0.0, 1.0])) and quiet.logs == {}
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 def test_frozen_encoder_is_a_clear_error():
     model = Tiny()
@@ -430,6 +552,8 @@ def test_jacobian_aggregators_have_no_parameter_mode():
 def test_bad_mode_is_a_clear_error():
     with pytest.raises(ConfigError, match="mode must be 'representation' or 'parameter'"):
         UPGrad(mode="params")
+    with pytest.raises(ConfigError, match="gramian must be 'batched' or 'autogram'"):
+        UPGrad(mode="parameter", gramian="jacobian")
 
 
 # ------------------------------------------------------------------------------------- mixed precision (AMP)
@@ -445,10 +569,12 @@ def test_gramian_is_float32_under_autocast():
     torch.testing.assert_close(gramians[0], jz @ jz.T)  # exactly the float32 product, no bf16 rounding
 
 
-def test_parameter_mode_under_autocast_with_layer_norm():
-    # TorchJD's autogram engine fails on graphs recorded under autocast: the balancer materialises J_θ instead.
+@pytest.mark.parametrize("gramian", GRAMIANS)
+def test_parameter_mode_under_autocast_with_layer_norm(gramian):
+    # batched: one T-batched backward through the bf16 graph. autogram: TorchJD's engine fails on graphs recorded
+    # under autocast, so the balancer materialises J_θ with one backward per task instead.
     model = Tiny(norm=True)
-    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
+    balancer = make(UPGrad, encoder=model.encoder, mode="parameter", gramian=gramian)
     gramians = spy_gramians(balancer)
     enc = list(model.encoder.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):

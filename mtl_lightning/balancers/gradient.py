@@ -8,8 +8,12 @@ working with no custom loop:
 
 - **representation mode** (default, cheap): ``J`` holds the gradients w.r.t. the shared representation ``z``,
   taken through the small heads only; the encoder is backpropagated once, as usual.
-- **parameter mode** (exact): ``G`` is the Gramian of the gradients w.r.t. the encoder's parameters, computed by
-  TorchJD's autogram engine without materialising ``J``.
+- **parameter mode** (exact): ``G`` is the Gramian of the gradients w.r.t. the encoder's parameters. By default
+  (``gramian="batched"``) it comes from one T-batched backward of the per-task gradients on ``z`` to the encoder's
+  parameters, ``G = sum_p J_p J_p^T`` (what TorchJD's ``mtl_backward`` computes); that holds the T x P Jacobian
+  for a moment. ``gramian="autogram"`` has TorchJD's autogram engine differentiate ``o_t = <z, g_t>`` (``g_t``
+  constant, so ``do_t/dθ = dL_t/dθ``) instead: it never materialises ``J``, for encoders too large for T copies of
+  their gradient.
 
 Either way the update is applied through ``z``: with ``g_t = dL_t/dz`` and ``g`` the aggregated gradient on ``z``,
 ``sum_t L_t + <z, (g - sum_t g_t).detach()>`` gives every head the gradient of its own loss and the encoder
@@ -38,6 +42,7 @@ from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
 Mode = Literal["representation", "parameter"]
+GramianMethod = Literal["batched", "autogram"]
 
 
 def _torchjd_aggregation():
@@ -72,6 +77,73 @@ def per_task_gradients(losses: Tensor, z: Tensor | Sequence[Tensor]) -> Tensor:
     return torch.zeros((len(losses), *z.shape), dtype=z.dtype, device=z.device) if grads is None else grads
 
 
+def per_representation_gradients(losses: Tensor, reps: Sequence[Tensor]) -> list[Tensor]:
+    """``dL_t/dz_t`` for each task ``t``, where ``z_t`` is task t's own representation (shapes may differ).
+
+    When the tensors are distinct, loss t depends on ``z_t`` only, so one backward of ``sum_t L_t`` through the
+    heads gives every row; tasks that read the same tensor take one backward each.
+    """
+    if len({id(r) for r in reps}) == len(reps):
+        grads = torch.autograd.grad(losses.sum(), list(reps), retain_graph=True, allow_unused=True)
+    else:
+        grads = [
+            torch.autograd.grad(loss, r, retain_graph=True, allow_unused=True)[0]
+            for loss, r in zip(losses, reps, strict=True)
+        ]
+    return [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=True)]
+
+
+def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The T x T Gramian (float32) of the per-task gradients w.r.t. ``params``, from one T-batched backward.
+
+    ``sources`` are the tensors through which the task losses reach ``params`` (the shared representation, or each
+    task's own), and ``grads[i]`` is ``(T, *sources[i].shape)``: row t is task t's gradient w.r.t. ``sources[i]``
+    (zero where task t does not read it). By the chain rule row t, backpropagated from ``sources`` to ``params``, is
+    task t's gradient w.r.t. ``params``; one backward with ``is_grads_batched`` gives ``J_p`` (T, *p.shape) for every
+    parameter tensor p, and ``G = sum_p J_p J_p^T``. The backward holds T copies of the encoder's intermediate
+    gradients and returns the whole T x P Jacobian at once; both are freed here. Where a graph has no batching rule
+    it takes one backward per task instead.
+    """
+    num_tasks = grads[0].shape[0]
+    device = grads[0].device
+    params = list(params)
+    try:
+        jacobians = torch.autograd.grad(
+            list(sources), params, list(grads), retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad(list(sources), params, [g[t] for g in grads], retain_graph=True, allow_unused=True)
+            for t in range(num_tasks)
+        ]
+        jacobians = [
+            None
+            if all(row[i] is None for row in rows)
+            else torch.stack([torch.zeros_like(p) if row[i] is None else row[i] for row in rows])
+            for i, p in enumerate(params)
+        ]
+    gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float32, device=device)
+    for jacobian in jacobians:
+        if jacobian is not None:
+            matrix = jacobian.reshape(num_tasks, -1).float()
+            gramian.addmm_(matrix, matrix.T)
+    return gramian
+
+
+def _batched_by_source(reps: Sequence[Tensor], rep_grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The distinct tensors among ``reps`` and, for each, ``(T, *shape)`` with row t = task t's gradient on it."""
+    sources: list[Tensor] = []
+    index: dict[int, int] = {}
+    for r in reps:
+        if id(r) not in index:
+            index[id(r)] = len(sources)
+            sources.append(r)
+    batched = [r.new_zeros((len(reps), *r.shape)) for r in sources]
+    for t, (r, g) in enumerate(zip(reps, rep_grads, strict=True)):
+        batched[index[id(r)]][t] = g
+    return sources, batched
+
+
 class GradientBalancer(Balancer):
     """Base class: subclasses say which TorchJD aggregator to use in :meth:`make_aggregator`.
 
@@ -80,16 +152,41 @@ class GradientBalancer(Balancer):
             encoder's parameters; needed for encoders with one representation per task).
         ddp_exact: All-reduce the T x T Gramian across DDP ranks so every rank uses the global batch's weights.
         telemetry: Log per-task gradient norms, pairwise cosines and the fraction of conflicting pairs.
+        gramian: How parameter mode computes its Gramian (ignored in representation mode). ``batched`` (default):
+            one T-batched backward from the representation to the encoder's parameters, then ``sum_p J_p J_p^T``;
+            it holds the T x P Jacobian (T times the encoder's trainable parameter count) for a moment.
+            ``autogram``: TorchJD's autogram engine, which never materialises the Jacobian, for encoders whose
+            T x P does not fit in memory. Both hold T copies of the encoder's intermediate gradients during their
+            backward. Under autocast the engine fails, so ``autogram`` then takes one backward per task and holds
+            the T x P Jacobian after all.
     """
 
-    def __init__(self, mode: Mode = "representation", ddp_exact: bool = True, telemetry: bool = True):
+    def __init__(
+        self,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
+    ):
         super().__init__()
         if mode not in ("representation", "parameter"):
             raise ConfigError(f"{type(self).__name__}: mode must be 'representation' or 'parameter', got {mode!r}")
+        if gramian not in ("batched", "autogram"):
+            raise ConfigError(f"{type(self).__name__}: gramian must be 'batched' or 'autogram', got {gramian!r}")
         self.mode = mode
         self.ddp_exact = ddp_exact
         self.telemetry = telemetry
+        self.gramian = gramian
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
+        self._engine = None
+        self._encoder_params: list[Tensor] = []
+
+    @property
+    def supports_sharding(self) -> bool:  # type: ignore[override]
+        # Parameter mode differentiates w.r.t. the full encoder parameters, which FSDP/FSDP2 only hold as shards.
+        return self.mode != "parameter"
+
+    sharding_hint = "mode: parameter needs the full encoder parameters; use mode: representation with FSDP/FSDP2"
 
     def make_aggregator(self, num_tasks: int):
         """The TorchJD aggregator of this method (a GramianWeightedAggregator where possible)."""
@@ -108,19 +205,22 @@ class GradientBalancer(Balancer):
                     f"{type(self).__name__} aggregates the Jacobian itself, not its Gramian, so it has no parameter "
                     "mode; use mode: representation"
                 )
-            self._engine = self._make_engine(encoder)
+            if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
+                raise ConfigError(
+                    f"{type(self).__name__}(mode='parameter') needs an encoder with trainable parameters; the "
+                    "encoder is frozen or has none. Unfreeze it or use mode: representation"
+                )
+            # A plain list, not a submodule: the encoder belongs to the LightningModule and is saved there once.
+            self._encoder_params = list(encoder.parameters())
+            if self.gramian == "autogram":
+                # The engine hooks the encoder's leaf modules, and its hooks expect compute_gramian after every
+                # forward that records a graph; so it exists only when it is used.
+                self._engine = self._make_engine(encoder)
 
-    def _make_engine(self, encoder: torch.nn.Module | None):
-        if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
-            raise ConfigError(
-                f"{type(self).__name__}(mode='parameter') needs an encoder with trainable parameters; the encoder "
-                "is frozen or has none. Unfreeze it or use mode: representation"
-            )
+    @staticmethod
+    def _make_engine(encoder: torch.nn.Module):
         from torchjd.autogram import Engine
 
-        self._shared_params = [p for p in encoder.parameters() if p.requires_grad]  # for the AMP fallback
-
-        # The engine hooks the encoder's leaf modules; it must exist before the forward passes it measures.
         leaves = [m for m in encoder.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
         return Engine(*leaves, batch_dim=None)
 
@@ -135,43 +235,65 @@ class GradientBalancer(Balancer):
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         losses, present = inputs.losses, inputs.present
         names = self.task_names
-        z = self._shared(inputs)
-        if not all(r.requires_grad for r in inputs.representations.values()):
+        reps = [inputs.representations[n] for n in names]
+        if not all(r.requires_grad for r in reps):
             raise ConfigError(
                 f"{type(self).__name__} needs the gradients of the task losses w.r.t. the encoder's output, but the "
                 "encoder is frozen (its output does not require grad). Unfreeze the encoder or use a loss-weighting "
                 "balancer (static, uncertainty, famo, ...)"
             )
+        z = self._shared(inputs)
+        if z is None and self.mode == "representation":
+            raise ConfigError(
+                f"{type(self).__name__}: the encoder returns one representation per task, so there is no shared "
+                "representation to balance in; set the balancer's mode: parameter"
+            )
+        parameter = self.mode == "parameter"
+        flat: Tensor | None = None
+        # Parameter mode: `sources`/`source_grads` feed the batched backward; `projections` (T,) are
+        # o_t = <z_t, g_t> with g_t constant, whose gradient w.r.t. the encoder's parameters is task t's (chain
+        # rule), for the autogram engine: its backward then starts at the representation, not at the losses.
+        sources: list[Tensor] = []
+        source_grads: list[Tensor] = []
+        projections: Tensor | None = None
         if z is not None:
-            reps = [inputs.representations[n] for n in names]
             distinct = len({id(r) for r in reps}) == len(reps)  # one alias per head: one backward gives all rows
             grads = per_task_gradients(losses, reps if distinct else z)  # (T, *z.shape)
             flat = grads.reshape(len(names), -1).float()
+            if parameter and self.gramian == "batched":
+                sources, source_grads = [z], [grads]
+            elif parameter:
+                # a matrix-vector product: its T-batched backward is (T x T) @ J, with no T x T x |z| intermediate
+                projections = grads.reshape(len(names), -1) @ z.reshape(-1)
         else:
-            if self.mode == "representation":
-                raise ConfigError(
-                    f"{type(self).__name__}: the encoder returns one representation per task, so there is no shared "
-                    "representation to balance in; set the balancer's mode: parameter"
+            rep_grads = per_representation_gradients(losses, reps)
+            if parameter and self.gramian == "batched":
+                sources, source_grads = _batched_by_source(reps, rep_grads)
+            elif parameter:
+                projections = torch.stack(
+                    [torch.dot(r.flatten(), g.flatten()) for r, g in zip(reps, rep_grads, strict=True)]
                 )
-            grads_per_task = [
-                per_task_gradients(losses[i : i + 1], inputs.representations[n])[0] for i, n in enumerate(names)
-            ]
+        log = self.telemetry and inputs.log
         amp = torch.is_autocast_enabled(losses.device.type)
         # In float32 even under AMP: autocast would run the Gramian's matmul in bf16/fp16.
         with torch.autocast(losses.device.type, enabled=False):
-            gramian = self._gramian(losses, flat if z is not None else None, amp)
-            if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(gramian)
-                gramian = gramian / dist.get_world_size() ** 2
-            weights, aggregated = self._combine(gramian, present, flat if z is not None else None)
+            # Jacobian aggregators (GradDrop, Nash-MTL) use the Gramian for telemetry only.
+            gramian = None
+            if self.weighting is not None or log:
+                gramian = self._gramian(flat, sources, source_grads, projections, amp)
+                if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(gramian)
+                    gramian = gramian / dist.get_world_size() ** 2
+            weights, aggregated = self._combine(gramian, present, flat, effective=inputs.log)
         if z is not None:
-            correction = (aggregated - flat.sum(0)).reshape(z.shape).to(z.dtype)
+            # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
+            correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
             # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
-            inner = (z * correction.detach()).sum()
+            inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
         else:
             inner = sum(
-                (inputs.representations[n] * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
-                for i, (n, g) in enumerate(zip(names, grads_per_task, strict=True))
+                (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
+                for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
             )
         total = losses.sum()
         # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
@@ -179,46 +301,71 @@ class GradientBalancer(Balancer):
         w = weights.to(losses.dtype).detach()
         value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
         loss = value + (total - total.detach()) + (inner - inner.detach())
-        logs = self._telemetry(gramian) if self.telemetry and inputs.log else {}
+        logs = self._telemetry(gramian) if log else {}
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
 
-    def _gramian(self, losses: Tensor, flat: Tensor | None, amp: bool = False) -> Tensor:
-        if self.mode == "parameter" and amp:
-            # TorchJD's autogram engine fails on graphs recorded under autocast (bf16/fp16 activations with fp32
-            # parameters: "expected scalar type BFloat16 but found Float"), so materialise J_θ: one backward
-            # through the encoder per task.
-            rows = []
-            for loss in losses:
-                grads = torch.autograd.grad(loss, self._shared_params, retain_graph=True, allow_unused=True)
-                flat_grads = [
-                    torch.zeros_like(p) if g is None else g for p, g in zip(self._shared_params, grads, strict=True)
-                ]
-                rows.append(torch.cat([g.reshape(-1).float() for g in flat_grads]))
-            jacobian = torch.stack(rows)
-            return jacobian @ jacobian.T
-        if self.mode == "parameter":
-            return self._engine.compute_gramian(losses).float()
-        assert flat is not None
-        return flat @ flat.T
+    def _gramian(
+        self,
+        flat: Tensor | None,
+        sources: list[Tensor],
+        grads: list[Tensor],
+        projections: Tensor | None,
+        amp: bool = False,
+    ) -> Tensor:
+        if self.mode == "representation":
+            assert flat is not None
+            return flat @ flat.T
+        params = [p for p in self._encoder_params if p.requires_grad]  # frozen since bind: not shared any more
+        if self.gramian == "batched":
+            return parameter_gramian(sources, grads, params)
+        assert projections is not None
+        if not amp:
+            return self._engine.compute_gramian(projections).float()
+        # TorchJD's autogram engine fails on graphs recorded under autocast (bf16/fp16 activations with fp32
+        # parameters: "expected scalar type BFloat16 but found Float"), so materialise J_θ: one backward through the
+        # encoder per task.
+        rows = []
+        for projection in projections:
+            row = torch.autograd.grad(projection, params, retain_graph=True, allow_unused=True)
+            flat_row = [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, row, strict=True)]
+            rows.append(torch.cat(flat_row).float())
+        jacobian = torch.stack(rows)
+        return jacobian @ jacobian.T
 
-    def _combine(self, gramian: Tensor, present: Tensor, flat: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Weights (T,) (zero for absent tasks) and, for Jacobian aggregators, the aggregated gradient."""
+    def _combine(
+        self, gramian: Tensor | None, present: Tensor, flat: Tensor | None, effective: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Weights (T,) (zero for absent tasks) and, for Jacobian aggregators, the aggregated gradient (else None).
+
+        Jacobian aggregators have no weights of their own; ``effective`` asks for the least-squares weights of their
+        result (for the logs). Without it (steps whose logs are not written) the weights are 1 for present tasks.
+        """
         idx = present.nonzero().flatten()
-        weights = torch.zeros(len(present), dtype=gramian.dtype, device=gramian.device)
-        if len(idx) == 0:
-            return weights, None if flat is None else torch.zeros_like(flat[0])
+        dtype = torch.float32 if gramian is None else gramian.dtype
         if self.weighting is not None:
-            weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(gramian.dtype)
+            assert gramian is not None
+            if len(idx) == len(present):  # every task present, the usual case: no sub-Gramian and no scatter
+                weights = self._weigh(gramian, idx).to(device=gramian.device, dtype=dtype, copy=True)
+            else:
+                weights = torch.zeros(len(present), dtype=dtype, device=gramian.device)
+                if len(idx) > 0:
+                    weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(dtype)
             if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 # Randomised weightings (PCGrad's task order) must not depend on each rank's RNG stream: every rank
                 # applies rank 0's weights, as one process on the global batch would (T floats of communication).
                 dist.broadcast(weights, src=0)
-            return weights, None if flat is None else weights.to(flat.dtype) @ flat
+            return weights, None
+        weights = torch.zeros(len(present), dtype=dtype, device=present.device)
         assert flat is not None
+        if len(idx) == 0:
+            return weights, torch.zeros_like(flat[0])
         aggregated = self._aggregate(flat[idx], idx)
-        # Effective weights of the aggregated gradient in the span of the task gradients (least squares), for logs.
-        solution = torch.linalg.lstsq(flat[idx].T.double(), aggregated.double()[:, None]).solution.flatten()
-        weights[idx] = solution.to(weights.dtype)
+        if effective:
+            # Effective weights of the aggregated gradient in the span of the task gradients (least squares).
+            solution = torch.linalg.lstsq(flat[idx].T.double(), aggregated.double()[:, None]).solution.flatten()
+            weights[idx] = solution.to(weights.dtype)
+        else:
+            weights[idx] = 1.0
         return weights, aggregated
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """The gradient methods, each a thin choice of TorchJD aggregator on top of :class:`GradientBalancer`.
 
-Pick one in YAML with ``--model.balancer configs/balancer/<name>.yaml``; all take ``mode``, ``ddp_exact`` and
-``telemetry`` (see :class:`GradientBalancer`). Methods whose TorchJD implementation needs a solver raise an error
+Pick one in YAML with ``--model.balancer configs/balancer/<name>.yaml``; all take ``ddp_exact`` and ``telemetry``,
+and the Gramian weightings ``mode`` and ``gramian`` as well (see :class:`GradientBalancer`). Methods whose TorchJD implementation needs a solver raise an error
 naming the ``pip install`` that adds it.
 """
 
@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mtl_lightning.balancers.gradient import GradientBalancer, Mode, _torchjd_aggregation
+from mtl_lightning.balancers.gradient import GradientBalancer, GramianMethod, Mode, _torchjd_aggregation
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
@@ -38,8 +38,9 @@ class MGDA(GradientBalancer):
         mode: Mode = "representation",
         ddp_exact: bool = True,
         telemetry: bool = True,
+        gramian: GramianMethod = "batched",
     ):
-        super().__init__(mode, ddp_exact, telemetry)
+        super().__init__(mode, ddp_exact, telemetry, gramian)
         self.epsilon, self.max_iters = epsilon, max_iters
 
     def make_aggregator(self, num_tasks: int):
@@ -56,8 +57,15 @@ class PCGrad(GradientBalancer):
 class CAGrad(GradientBalancer):
     """Conflict-averse gradient descent: the best worst-case improvement near the mean gradient (Liu et al. 2021)."""
 
-    def __init__(self, c: float = 0.5, mode: Mode = "representation", ddp_exact: bool = True, telemetry: bool = True):
-        super().__init__(mode, ddp_exact, telemetry)
+    def __init__(
+        self,
+        c: float = 0.5,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
+    ):
+        super().__init__(mode, ddp_exact, telemetry, gramian)
         self.c = c
 
     def make_aggregator(self, num_tasks: int):
@@ -75,9 +83,14 @@ class GradVac(GradientBalancer):
     """Gradient vaccine: aligns task gradients towards an EMA of their cosine similarity (Wang et al. 2021)."""
 
     def __init__(
-        self, beta: float = 0.5, mode: Mode = "representation", ddp_exact: bool = True, telemetry: bool = True
+        self,
+        beta: float = 0.5,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
     ):
-        super().__init__(mode, ddp_exact, telemetry)
+        super().__init__(mode, ddp_exact, telemetry, gramian)
         self.beta = beta
 
     def make_aggregator(self, num_tasks: int):
@@ -111,8 +124,9 @@ class AlignedMTL(GradientBalancer):
         mode: Mode = "representation",
         ddp_exact: bool = True,
         telemetry: bool = True,
+        gramian: GramianMethod = "batched",
     ):
-        super().__init__(mode, ddp_exact, telemetry)
+        super().__init__(mode, ddp_exact, telemetry, gramian)
         self.scale_mode = scale_mode
 
     def make_aggregator(self, num_tasks: int):
