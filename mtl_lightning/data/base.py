@@ -39,6 +39,12 @@ def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[Tensor]
     return parts
 
 
+def split_generated(data: MultiTaskTensorDataset, fractions: Sequence[float], seed: int) -> dict[str, Dataset]:
+    """``{"train", "val", "test"}`` subsets of generated rows, cut by :func:`split_indices`."""
+    train, val, test = split_indices(len(data), fractions, seed)
+    return {"train": data.subset(train), "val": data.subset(val), "test": data.subset(test)}
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Yields batches ``{"inputs": x, "targets": {task: y}}``; subclasses only build the datasets.
 

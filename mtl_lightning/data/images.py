@@ -31,7 +31,7 @@ import torch
 from torch import Generator, Tensor
 from torch.utils.data import Dataset
 
-from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
+from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_generated, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset
 from mtl_lightning.data.synthetic import _drop_labels
 from mtl_lightning.tasks import TaskSpec
@@ -229,9 +229,7 @@ class SyntheticImageDataModule(MultiTaskDataModule):
         return image.float(), facts
 
     def build_datasets(self) -> dict[str, Dataset]:
-        data = self.generate()
-        train, val, test = split_indices(len(data), self.fractions, self.seed)
-        return {"train": data.subset(train), "val": data.subset(val), "test": data.subset(test)}
+        return split_generated(self.generate(), self.fractions, self.seed)
 
 
 def _fits_outputs(source: str, spec: TaskSpec) -> bool:
