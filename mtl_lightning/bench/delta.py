@@ -1,0 +1,112 @@
+"""Δm%: the mean relative gain of a multi-task model over single-task models, and the benchmark's summary table.
+
+    Δm% = 100/T · Σ_t (-1)^{l_t} (M_mt,t - M_st,t) / |M_st,t|,    l_t = 1 if lower is better for M_t, else 0
+
+So **positive Δm% means better than single-task**: the convention of Maninis et al. (CVPR 2019, "Attentive
+single-tasking of multiple tasks") and Vandenhende et al. (TPAMI 2021, "Multi-task learning for dense prediction
+tasks: a survey"). The Nash-MTL (Navon et al., ICML 2022) and FAMO (Liu et al., NeurIPS 2023) papers report the
+same quantity with the opposite sign, as a "performance drop" where lower is better (their Δm% = -ours).
+The denominator is |M_st,t| rather than M_st,t so that a negative baseline (an R² below 0) does not flip the
+direction of the gain; for the usual positive metrics the two agree.
+
+Over seeds: the baseline of task t is the mean of its single-task runs over the seeds, M_st,t; Δm% is computed for
+each seed of a variant against those means, then reported as mean ± sample standard deviation over the seeds. The
+single-task row's own Δm% (mean 0) shows how much the baselines vary from seed to seed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from mtl_lightning.bench.resolve import Primary
+from mtl_lightning.bench.results import Row
+from mtl_lightning.bench.suite import SINGLE_TASK
+
+
+def delta_m(multi: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
+    """Δm% of one multi-task result against the single-task results (positive: better); see the module docstring."""
+    tasks = list(single)
+    if not tasks or set(multi) != set(tasks) or set(higher_is_better) != set(tasks):
+        raise ValueError(
+            f"Δm% needs the same tasks everywhere: multi-task {sorted(multi)}, single-task {sorted(single)}, "
+            f"directions {sorted(higher_is_better)}"
+        )
+    total = 0.0
+    for task in tasks:
+        if single[task] == 0:
+            raise ValueError(f"Δm% is undefined: the single-task value of {task!r} is 0 (a relative change of it)")
+        sign = 1.0 if higher_is_better[task] else -1.0
+        total += sign * (multi[task] - single[task]) / abs(single[task])
+    return 100.0 * total / len(tasks)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (NaN for one value) and count."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        values = list(values)
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+
+    def text(self, digits: int, sign: bool = False) -> str:
+        mean = f"{self.mean:+.{digits}f}" if sign else f"{self.mean:.{digits}f}"
+        return mean if math.isnan(self.std) else f"{mean} ± {self.std:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Line:
+    """One row of the summary: a variant's per-task metrics, Δm% and time per seed (None where nothing ran)."""
+
+    variant: str
+    seeds: int
+    metrics: dict[str, Stat | None]
+    delta: Stat | None
+    time_s: Stat | None
+
+
+def summarise(rows: Iterable[Row], primaries: Mapping[str, Primary], variants: Sequence[str]) -> list[Line]:
+    """The summary lines, single-task first, from the raw rows; ``variants``: the multi-task variants in order."""
+    tasks = list(primaries)
+    keys = {p.key for p in primaries.values()}
+    values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))  # variant, task, seed
+    times: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))  # variant, seed, run
+    for row in rows:
+        if row.task in primaries and row.metric == primaries[row.task].key and row.metric in keys:
+            values[row.variant][row.task][row.seed] = row.value
+            times[row.variant][row.seed][row.run] = row.wall_time_s
+    single = {t: statistics.fmean(values[SINGLE_TASK][t].values()) for t in tasks if values[SINGLE_TASK][t]}
+    directions = {t: primaries[t].higher_is_better for t in tasks}
+    lines = []
+    for variant in [SINGLE_TASK, *variants]:
+        per_task = values.get(variant, {})
+        seeds = sorted(set.intersection(*(set(per_task.get(t, {})) for t in tasks)))  # seeds with every task
+        metrics = {t: Stat.of(list(per_task[t].values())) if per_task.get(t) else None for t in tasks}
+        delta = None
+        if seeds and len(single) == len(tasks):
+            delta = Stat.of([delta_m({t: per_task[t][s] for t in tasks}, single, directions) for s in seeds])
+        # A baseline seed costs its T runs together; a variant seed, its one run.
+        seed_times = [sum(times[variant][s].values()) for s in seeds]
+        lines.append(Line(variant, len(seeds), metrics, delta, Stat.of(seed_times) if seed_times else None))
+    return lines
+
+
+def markdown(lines: Sequence[Line], primaries: Mapping[str, Primary]) -> str:
+    """The summary as a Markdown table (also what the command prints)."""
+    header = ["variant", "seeds", *(p.label for p in primaries.values()), "Δm% ↑", "time/seed (s)"]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for line in lines:
+        cells = [line.variant, str(line.seeds)]
+        cells += [m.text(4) if m else "—" for m in line.metrics.values()]
+        cells.append(line.delta.text(2, sign=True) if line.delta else "—")
+        cells.append(f"{line.time_s.mean:.1f}" if line.time_s else "—")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
