@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torchmetrics import MetricCollection
 
 from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
+from mtl_lightning.compression.checkpoint import restore_compression
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.heads import build_head
 from mtl_lightning.loss_tracker import StepAccumulator, TaskLossMean
@@ -152,7 +154,7 @@ class MultiTaskModule(LightningModule):
         for parts in (self.heads, self.losses, self.train_metrics, self.val_metrics, self.test_metrics):
             ordered = [(n, parts[n]) for n in self.tasks]
             parts.clear()
-            parts.update(ordered)
+            parts.update(dict(ordered))
         self.balancer.bind(specs, self.encoder)
         # Separate attributes, not a ModuleDict: "train" is a method name that ModuleDict keys may not take.
         self.train_loss_mean = TaskLossMean(len(specs))
@@ -390,7 +392,8 @@ class MultiTaskModule(LightningModule):
             return True
         # getattr fallbacks: a private Lightning attribute; if it moves, log every step (correct, just slower).
         connector = getattr(trainer, "_logger_connector", None)
-        if getattr(connector, "should_update_logs", True) or trainer.fast_dev_run:
+        # fast_dev_run: set on the Trainer by Lightning's debugging-flags connector, which its type does not declare.
+        if getattr(connector, "should_update_logs", True) or trainer.fast_dev_run:  # type: ignore[attr-defined]
             return True
         return bool(getattr(trainer, "is_last_batch", True))
 
@@ -446,7 +449,8 @@ class MultiTaskModule(LightningModule):
     def _log_epoch(self, stage: str) -> None:
         self._flush(stage)
         tracker = getattr(self, f"{stage}_loss_mean")
-        means, counts = tracker.compute()
+        # reshape: with a single task the tracker's compute() squeezes to 0-dim tensors.
+        means, counts = (t.reshape(-1) for t in tracker.compute())
         tracker.reset()
         labelled = counts > 0
         logs: dict[str, Tensor] = {}
@@ -480,7 +484,7 @@ class MultiTaskModule(LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return
         for i, (name, spec) in enumerate(self.tasks.items()):
-            collection = collections[name]
+            collection = cast(MetricCollection, collections[name])
             if not bool(labelled[i]) or all(m.update_count for m in collection.values(copy_state=False)):
                 continue
             width = int(spec.num_outputs or 1)
@@ -523,7 +527,8 @@ class MultiTaskModule(LightningModule):
             check_monitors(self.trainer, self.logged_metric_names(), scheduler_monitor)
             # A callback that monitors a train/ name (checkpoints, early stopping, user callbacks) or formats one into
             # a checkpoint filename may read trainer.callback_metrics after any step: then log every step.
-            reads = [getattr(cb, attr, None) for cb in self.trainer.callbacks for attr in ("monitor", "filename")]
+            callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+            reads = [getattr(cb, attr, None) for cb in callbacks for attr in ("monitor", "filename")]
             self._log_every_train_step = any(isinstance(r, str) and "train/" in r for r in [*reads, scheduler_monitor])
 
     def configure_model(self) -> None:
@@ -564,6 +569,7 @@ class MultiTaskModule(LightningModule):
             gradient_clip_val
             and gradient_clip_algorithm in (None, "norm")
             and isinstance(self.trainer.strategy, FSDPStrategy)
+            and model is not None
             and hasattr(model, "clip_grad_norm_")
         ):
             model.clip_grad_norm_(gradient_clip_val)
@@ -581,6 +587,9 @@ class MultiTaskModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A compressed checkpoint records how its layers changed (low-rank, int8); rebuild that structure first so
+        # that Lightning can load the weights into matching modules.
+        restore_compression(self, checkpoint)
         # Task names from the head weights the checkpoint holds, in their order (the order of the ModuleDict).
         saved = list(dict.fromkeys(k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("heads.")))
         if saved and saved != self.task_names:
