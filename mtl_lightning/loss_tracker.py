@@ -18,6 +18,9 @@ class TaskLossMean(Metric):
     """
 
     full_state_update = False
+    # States registered by add_state, declared for type checkers (nn.Module.__getattr__ is typed Tensor | Module).
+    sums: Tensor
+    counts: Tensor
 
     def __init__(self, num_tasks: int):
         super().__init__(sync_on_compute=True)

@@ -73,7 +73,7 @@ def _build_metric(spec: TaskSpec, name: str) -> Metric:
 
 def build_metrics(spec: TaskSpec, stage: str) -> MetricCollection:
     """A MetricCollection for one task and stage, logged as ``{stage}/{task}/{metric}``."""
-    metrics = {metric_key(n): _build_metric(spec, n) for n in spec.metric_names}
+    metrics: dict[str, Metric | MetricCollection] = {metric_key(n): _build_metric(spec, n) for n in spec.metric_names}
     return MetricCollection(metrics, prefix=f"{stage}/{spec.name}/")
 
 

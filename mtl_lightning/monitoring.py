@@ -17,8 +17,9 @@ from mtl_lightning.errors import ConfigError
 
 def _monitors(trainer: Trainer) -> Iterable[tuple[str, str]]:
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and getattr(cb, "monitor", None):
-            yield type(cb).__name__, cb.monitor
+        monitor = getattr(cb, "monitor", None)
+        if isinstance(cb, (ModelCheckpoint, EarlyStopping)) and monitor:
+            yield type(cb).__name__, monitor
 
 
 def check_monitors(trainer: Trainer, logged: list[str], scheduler_monitor: str | None = None) -> None:

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import weakref
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 import torch.nn as nn
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mtl_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 # Modules named by some encoder's fsdp_units(); the FSDP1 policy below only sees one module at a time.
 _UNITS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -44,7 +49,7 @@ def encoder_units_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int
     return True if recurse else module in _UNITS
 
 
-def fully_shard_model(model: nn.Module, mesh: object, mp_policy: object | None = None) -> None:
+def fully_shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """FSDP2 on a ``MultiTaskModule``: the encoder's units, the encoder, each head, then any other child with
     parameters (a balancer's learned weights), so that every parameter's gradient is reduced across ranks.
 
@@ -53,18 +58,18 @@ def fully_shard_model(model: nn.Module, mesh: object, mp_policy: object | None =
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    encoder: nn.Module = model.encoder  # type: ignore[assignment]
+    policy = mp_policy or MixedPrecisionPolicy()
+    encoder = cast(nn.Module, model.encoder)
     for unit in encoder_units(encoder):
-        fully_shard(unit, **kwargs)
-    fully_shard(encoder, **kwargs)
-    for head in model.heads.values():  # type: ignore[union-attr]
-        fully_shard(head, **kwargs)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(encoder, mesh=mesh, mp_policy=policy)
+    for head in cast(nn.ModuleDict, model.heads).values():
+        fully_shard(head, mesh=mesh, mp_policy=policy)
     for name, child in model.named_children():
         if name in ("encoder", "heads"):
             continue
         if any(p.requires_grad for p in child.parameters()):
-            fully_shard(child, **kwargs)
+            fully_shard(child, mesh=mesh, mp_policy=policy)
     left = [n for n, p in model.named_parameters() if p.requires_grad and type(p).__name__ != "DTensor"]
     if left:
         raise ConfigError(f"FSDP2 left parameters {left} unsharded; give their module to fully_shard_model")

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
 from mtl_lightning.errors import ConfigError
@@ -14,6 +15,8 @@ from mtl_lightning.tasks import TaskSpec
 
 class EqualWeighting(Balancer):
     """The mean of the present tasks' losses (every task weighs the same)."""
+
+    weights: Tensor  # buffer registered in bind()
 
     def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
@@ -29,6 +32,8 @@ class StaticWeighting(Balancer):
     Args:
         weights: Optional ``{task: weight}`` overriding the specs' weights for the tasks it names.
     """
+
+    weights: Tensor  # buffer registered in bind()
 
     def __init__(self, weights: Mapping[str, float] | None = None):
         super().__init__()

@@ -274,6 +274,14 @@ class FAMO(Balancer):
 
     betas = (0.9, 0.999)
     eps = 1e-8
+    # Buffers registered in bind(), declared for type checkers (nn.Module.__getattr__ is typed Tensor | Module).
+    min_losses: Tensor
+    logits: Tensor
+    prev_log_losses: Tensor
+    prev_present: Tensor
+    logit_exp_avg: Tensor
+    logit_exp_avg_sq: Tensor
+    logit_steps: Tensor
 
     def __init__(
         self,
@@ -389,6 +397,14 @@ class DWA(Balancer):
         temperature: Softmax temperature (the paper's 2); larger is closer to uniform.
     """
 
+    # Buffers registered in bind(), declared for type checkers.
+    weights: Tensor
+    epoch_sum: Tensor
+    epoch_count: Tensor
+    history: Tensor
+    history_len: Tensor
+    known: Tensor
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         if temperature <= 0:
@@ -474,6 +490,10 @@ class GradNorm(Balancer):
         alpha: Strength of the pull towards equal training rates (1.5, as in LibMTL; 0 asks for equal gradient
             norms).
     """
+
+    # Buffers registered in bind(), declared for type checkers.
+    initial_losses: Tensor
+    has_initial: Tensor
 
     def __init__(self, alpha: float = 1.5) -> None:
         super().__init__()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -159,7 +159,7 @@ class EncoderFinetuning(BaseFinetuning):
         if self._encoder_frozen and not self.train_bn:
             _encoder(pl_module).eval()
         for name in self.freeze_heads:
-            pl_module.heads[name].eval()  # type: ignore[index]
+            cast(nn.ModuleDict, pl_module.heads)[name].eval()
 
     # -------------------------------------------------------------------------------------------- unfreezing
     def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:

@@ -36,7 +36,8 @@ class MetricsTable(Callback):
     """At the end of ``fit``, print the last validation metrics per task and where the checkpoints are."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        # fast_dev_run is set on the Trainer by Lightning's debugging-flags connector, which its type does not declare.
+        if trainer.sanity_checking or trainer.fast_dev_run:  # type: ignore[attr-defined]
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask for it
         if not trainer.is_global_zero:
@@ -47,7 +48,10 @@ class MetricsTable(Callback):
             console.print(table)
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
-                console.print(f"best checkpoint ({cb.monitor}={float(cb.best_model_score):.4f}): {cb.best_model_path}")
+                # A checkpoint without a monitor has a best path (the latest save) but no score.
+                score = cb.best_model_score
+                value = f" ({cb.monitor}={float(score):.4f})" if score is not None else ""
+                console.print(f"best checkpoint{value}: {cb.best_model_path}")
             if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
                 console.print(f"last checkpoint: {cb.last_model_path}")
         if log_dir:

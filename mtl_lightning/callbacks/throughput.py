@@ -47,8 +47,8 @@ def dense_bf16_peak_flops(device: torch.device) -> float | None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for unknown devices; None says the same
-        peak = get_available_flops(device, torch.bfloat16)
-    return float(peak) if peak else None
+        available = get_available_flops(device, torch.bfloat16)
+    return float(available) if available else None
 
 
 def model_flops_per_sample(pl_module: LightningModule) -> tuple[int, str]:
@@ -172,7 +172,8 @@ class ThroughputTimer(Callback):
     def _summary(self, trainer: Trainer) -> dict[str, Any]:
         device = trainer.strategy.root_device
         timed = max(0, self._batches - self.warmup)
-        window = (self._t_end - self._t_window) if timed and self._t_window is not None else None
+        started, ended = self._t_window, self._t_end
+        window = (ended - started) if timed and started is not None and ended is not None else None
         samples_per_s = self._samples / window if window else None
         peak = self.peak_flops or dense_bf16_peak_flops(device)
         flops_per_s = samples_per_s * self._flops_per_sample if samples_per_s else None

@@ -105,7 +105,7 @@ class MultiTaskDataModule(LightningDataModule):
     def datasets(self) -> dict[str, Dataset]:
         """The validated datasets (built on first use, once per process)."""
         if self._datasets is None:
-            datasets = dict(self.build_datasets())
+            datasets: dict[str, Dataset | None] = dict(self.build_datasets())
             datasets.setdefault("predict", datasets.get("test"))
             self._datasets = {k: v for k, v in datasets.items() if v is not None}
             for split, ds in self._datasets.items():

@@ -57,7 +57,7 @@ class MultiTaskTensorDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._take(index)
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, indices: Sequence[int] | Tensor) -> dict[str, Any]:
         if isinstance(indices, Tensor):
             return self._take(indices.long())
         # From a list of ints (what BatchSampler yields), numpy builds the index 3-4x faster than torch.as_tensor.

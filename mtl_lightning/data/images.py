@@ -147,7 +147,7 @@ class SyntheticImageDataModule(MultiTaskDataModule):
             if chosen[spec.name] is None:
                 fits = [s for s, kinds in SOURCES.items() if spec.kind in kinds and _fits_outputs(s, spec)]
                 unused = [s for s in fits if s not in chosen.values()]
-                chosen[spec.name] = (unused or fits or [None])[0]
+                chosen[spec.name] = next(iter(unused or fits), None)
         problems = []
         for spec in self.tasks:
             source = chosen[spec.name]

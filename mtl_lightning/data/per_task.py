@@ -236,7 +236,7 @@ class PerTaskDataModule(MultiTaskDataModule):
         self._signature: tuple[Any, str] | None = None
 
     @classmethod
-    def from_datasets(
+    def from_datasets(  # type: ignore[override]  # other arguments than LightningDataModule's: tasks come first
         cls, tasks: Sequence[TaskSpec], datasets: Mapping[str, Dataset | Mapping[str, Dataset]], **kwargs: Any
     ) -> PerTaskDataModule:
         """A data module over your own datasets: ``{task: {"train": ds, "val": ds, "test": ds}}`` (val/test optional),

@@ -157,7 +157,13 @@ class TaskBatchSampler(DistributedSampler):
             )
         # The "dataset" only sizes DistributedSampler's unused bookkeeping; explicit num_replicas and rank keep its
         # constructor from querying torch.distributed.
-        super().__init__(range(sum(sizes.values())), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        super().__init__(
+            range(sum(sizes.values())),  # type: ignore[arg-type]  # typed Dataset; it only takes len() of it
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+        )
         self.sizes = {t: int(n) for t, n in sizes.items()}
         self.tasks = list(self.sizes)
         self.batch_size = batch_size
@@ -227,7 +233,12 @@ class EvalBatchSampler(DistributedSampler):
     ):
         if batch_size < 1:
             raise DataError(f"eval batch size must be >= 1, got {batch_size}")
-        super().__init__(range(sum(sizes.values())), num_replicas=num_replicas, rank=rank, shuffle=False)
+        super().__init__(
+            range(sum(sizes.values())),  # type: ignore[arg-type]  # typed Dataset; it only takes len() of it
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=False,
+        )
         self.sizes = {t: int(n) for t, n in sizes.items()}
         self.batch_size = batch_size
         self.interleave = interleave

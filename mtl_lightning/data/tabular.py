@@ -205,8 +205,8 @@ class TabularDataModule(MultiTaskDataModule):
             )
         paths = {"all": path} if path is not None else {k: v for k, v in trio.items() if v is not None}
         for p in paths.values():
-            check_file(p)  # type: ignore[arg-type]
-        return paths  # type: ignore[return-value]
+            check_file(p)
+        return paths
 
     def _checked_target_columns(self, mapping: dict[str, str | list[str]]) -> dict[str, list[str]]:
         names = [t.name for t in self.tasks]
@@ -299,9 +299,9 @@ class TabularDataModule(MultiTaskDataModule):
         parts = split_indices(len(table), self.fractions, self.seed)
         frames, sources = {}, {}
         for split, rows in zip(("train", "val", "test"), parts, strict=True):
-            rows = np.sort(rows.numpy())  # file order inside a split: easier to read and to join back
-            self._split_rows[split] = rows
-            frames[split] = table.iloc[rows].reset_index(drop=True)
+            kept = np.sort(rows.numpy())  # file order inside a split: easier to read and to join back
+            self._split_rows[split] = kept
+            frames[split] = table.iloc[kept].reset_index(drop=True)
             sources[split] = f"{path!r} ({split} split)"
         return frames, sources
 

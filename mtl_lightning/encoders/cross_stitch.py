@@ -10,8 +10,8 @@ you want that.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -86,17 +86,22 @@ class CrossStitchUnit(nn.Module):
     def task_names(self) -> list[str]:
         return list(self.rows)
 
+    @property
+    def task_rows(self) -> Mapping[str, StitchRow]:
+        """The rows by task (``self.rows`` with its value type, which a ModuleDict does not carry)."""
+        return cast(Mapping[str, StitchRow], self.rows)
+
     def bind_tasks(self, names: list[str], like: Tensor | None = None) -> None:
         off = (1.0 - self.alpha_same) / (len(names) - 1) if len(names) > 1 else 0.0
         self.rows = rebind(self, self.rows, names, lambda _: StitchRow())
-        for t, row in self.rows.items():
+        for t, row in self.task_rows.items():
             initial = {s: (self.alpha_same if len(names) > 1 else 1.0) if s == t else off for s in names}
             row.set_sources(list(names), initial, like)
 
     @property
     def alpha(self) -> Tensor:
         """The ``T x T`` matrix (rows: the task written to, columns: the task read from)."""
-        return torch.stack([torch.cat([row.weight(s) for s in row.sources]) for row in self.rows.values()])
+        return torch.stack([torch.cat([row.weight(s) for s in row.sources]) for row in self.task_rows.values()])
 
     def forward(self, stacked: Tensor) -> Tensor:
         return torch.stack([row(stacked) for row in self.rows.values()])
@@ -118,6 +123,13 @@ class _CrossStitchBase(nn.Module):
     def _build_block(self, layer: int) -> nn.Module:
         raise NotImplementedError
 
+    # Typed views of the ModuleLists (which are typed as holding any Module).
+    def _columns(self) -> list[nn.ModuleDict]:
+        return cast(list[nn.ModuleDict], list(self.blocks))
+
+    def _units(self) -> list[CrossStitchUnit]:
+        return cast(list[CrossStitchUnit], list(self.stitches))
+
     def _finish(self, h: Tensor) -> Tensor:
         return h
 
@@ -125,27 +137,32 @@ class _CrossStitchBase(nn.Module):
         """One column per task; kept tasks keep their columns, the stitch matrices keep their entries between them."""
         self.task_names = check_task_names(type(self).__name__, names)
         for layer in range(len(self.blocks)):
-            self.blocks[layer] = rebind(
-                self, self.blocks[layer], names, lambda _, layer=layer: self._build_block(layer)
-            )
-            self.stitches[layer].bind_tasks(self.task_names, like=next(self.blocks[layer].parameters()))
+
+            def build(_: str, layer: int = layer) -> nn.Module:
+                return self._build_block(layer)
+
+            column = rebind(self, self._columns()[layer], names, build)
+            self.blocks[layer] = column
+            self._units()[layer].bind_tasks(self.task_names, like=next(column.parameters()))
 
     def fsdp_units(self) -> list[nn.Module]:
         """Every block of every column."""
-        return [block for blocks in self.blocks for block in blocks.values()]
+        return [block for blocks in self._columns() for block in blocks.values()]
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if not self.task_names:
             raise unbound(type(self).__name__)
         hs: list[Tensor] | Tensor = [x] * len(self.task_names)
-        for blocks, stitch in zip(self.blocks, self.stitches, strict=True):
+        for blocks, stitch in zip(self._columns(), self.stitches, strict=True):
             hs = stitch(torch.stack([block(h) for block, h in zip(blocks.values(), hs, strict=True)])).unbind(0)
         return {t: self._finish(h) for t, h in zip(self.task_names, hs, strict=True)}
 
     def training_logs(self) -> dict[str, Tensor]:
         """``stitch_diagonal/<l>``: mean diagonal of layer ``l``'s unit (1 = the tasks stay separate), and
         ``stitch_diagonal``, their mean; read from the parameters, so the same before and after a forward."""
-        diagonals = [torch.cat([r.weight(t) for t, r in s.rows.items()]).detach().float().mean() for s in self.stitches]
+        diagonals = [
+            torch.cat([r.weight(t) for t, r in s.task_rows.items()]).detach().float().mean() for s in self._units()
+        ]
         logs = {f"stitch_diagonal/{i}": d for i, d in enumerate(diagonals)}
         logs["stitch_diagonal"] = torch.stack(diagonals).mean()
         return logs
@@ -185,8 +202,9 @@ class CrossStitch(_CrossStitchBase):
         dropout, norm, activation = self._layer_args
         width = self.hidden[layer]
         layers: list[nn.Module] = [nn.Linear(self.hidden[layer - 1] if layer else self.in_features, width)]
-        if NORMS[norm] is not None:
-            layers.append(NORMS[norm](width))
+        norm_layer = NORMS[norm]
+        if norm_layer is not None:
+            layers.append(norm_layer(width))
         layers.append(ACTIVATIONS[activation]())
         if dropout:
             layers.append(nn.Dropout(dropout))

@@ -49,8 +49,9 @@ class MLPEncoder(nn.Module):
         width = self.in_features
         for h in hidden:
             layers.append(nn.Linear(width, int(h)))
-            if NORMS[norm] is not None:
-                layers.append(NORMS[norm](int(h)))
+            norm_layer = NORMS[norm]
+            if norm_layer is not None:
+                layers.append(norm_layer(int(h)))
             layers.append(ACTIVATIONS[activation]())
             if dropout:
                 layers.append(nn.Dropout(dropout))

@@ -13,7 +13,7 @@ representation is its last attended map, average-pooled to a small grid and flat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -148,7 +148,7 @@ class MTAN(nn.Module):
             h = p
             for t, modules in self.attention.items():
                 inp = u if j == 0 else torch.cat([u, self.attention_stream[j - 1](attended[t])], dim=1)
-                mask = modules[j](inp)
+                mask = cast(nn.ModuleList, modules)[j](inp)
                 attended[t] = mask * p
                 if self.training:
                     means.append(mask.detach().float().mean())

@@ -13,7 +13,7 @@ Personalized Recommendations", RecSys 2020.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -81,14 +81,18 @@ class ExtractionLevel(nn.Module):
             )
 
     def experts(self) -> list[nn.Module]:
-        return [*self.shared_experts, *(e for experts in self.task_experts.values() for e in experts)]
+        task_experts = (cast(nn.ModuleList, experts) for experts in self.task_experts.values())
+        return [*self.shared_experts, *(e for experts in task_experts for e in experts)]
 
     def forward(
         self, shared_in: Tensor, task_in: dict[str, Tensor]
     ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
         """(shared output or None at the last level, ``{task: output}``, ``{task: gate weights (N, m_t + m_s)}``)."""
         shared = torch.stack([e(shared_in) for e in self.shared_experts], dim=1)  # (N, m_s, D)
-        own = {t: torch.stack([e(task_in[t]) for e in experts], dim=1) for t, experts in self.task_experts.items()}
+        own = {
+            t: torch.stack([e(task_in[t]) for e in cast(nn.ModuleList, experts)], dim=1)
+            for t, experts in self.task_experts.items()
+        }
         outputs, gates = {}, {}
         for t, gate in self.task_gates.items():
             weights = torch.softmax(gate(task_in[t]), dim=-1)  # over [own experts, shared experts]
@@ -161,10 +165,13 @@ class PLE(nn.Module):
         self.task_names: list[str] = []
         self._last_gates: list[dict[str, Tensor]] = []
 
+    def _levels(self) -> list[ExtractionLevel]:
+        return cast(list[ExtractionLevel], list(self.levels))  # a ModuleList is typed as holding any Module
+
     def bind_tasks(self, names: list[str]) -> None:
         """Task experts, task gates and shared-gate rows per task, at every level; kept tasks keep theirs."""
         self.task_names = check_task_names(type(self).__name__, names)
-        for level in self.levels:
+        for level in self._levels():
             level.bind_tasks(self.task_names)
         self._last_gates = []
 
@@ -174,13 +181,14 @@ class PLE(nn.Module):
 
     def fsdp_units(self) -> list[nn.Module]:
         """Every expert of every level."""
-        return [e for level in self.levels for e in level.experts()]
+        return [e for level in self._levels() for e in level.experts()]
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if not self.task_names:
             raise unbound(type(self).__name__)
-        shared: Tensor | None = x.flatten(1)
-        task_in = dict.fromkeys(self.task_names, shared)
+        flat = x.flatten(1)
+        shared: Tensor | None = flat
+        task_in: dict[str, Tensor] = dict.fromkeys(self.task_names, flat)
         gates = []
         for level in self.levels:
             assert shared is not None  # only the last level has no shared gate

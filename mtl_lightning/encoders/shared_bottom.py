@@ -7,7 +7,7 @@ top. It is the baseline of MMoE (Ma et al. 2018) and PLE (Tang et al. 2020) unde
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn as nn
 from torch import Tensor
@@ -59,7 +59,7 @@ class SharedBottom(nn.Module):
             raise ConfigError(f"{name}: shared and tower are both empty; give at least one layer, e.g. shared: [256]")
         self.in_features = flat_features(name, input_shape)
         self.shared_widths, self.tower_widths = shared, tower
-        self._mlp_args = {"dropout": dropout, "norm": norm, "activation": activation}
+        self._mlp_args: dict[str, Any] = {"dropout": dropout, "norm": norm, "activation": activation}
         self.flatten = nn.Flatten()
         self.bottom = mlp(self.in_features, shared, **self._mlp_args) if shared else nn.Identity()
         self.bottom_features = shared[-1] if shared else self.in_features

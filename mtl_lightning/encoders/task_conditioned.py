@@ -85,18 +85,22 @@ class TaskConditioned(nn.Module):
         self.in_features = flat_features(name, input_shape)
         ins = [self.in_features, *self.hidden[:-1]]
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(ins, self.hidden, strict=True))
-        self.norms = nn.ModuleList(NORMS[norm](w) if NORMS[norm] else nn.Identity() for w in self.hidden)
+        norm_layer = NORMS[norm]
+        self.norms = nn.ModuleList(norm_layer(w) if norm_layer is not None else nn.Identity() for w in self.hidden)
         self.activation = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.embedding_proj: nn.Linear | None
+        self.film: nn.ModuleList | None
         if conditioning == "concat":
             self.embedding_proj = nn.Linear(self.embedding_dim, self.hidden[0], bias=False)
             self.film = None
         else:
             self.embedding_proj = None
-            self.film = nn.ModuleList(nn.Linear(self.embedding_dim, 2 * w) for w in self.hidden)
-            for layer in self.film:
+            film = [nn.Linear(self.embedding_dim, 2 * w) for w in self.hidden]
+            for layer in film:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+            self.film = nn.ModuleList(film)
         self.embeddings = nn.ModuleDict()
         self.task_names: list[str] = []
 

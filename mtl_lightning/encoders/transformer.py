@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -106,8 +106,8 @@ class TransformerEncoder(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for proj in (block.proj, block.mlp[-1]):
+        for block in cast(Iterable[TransformerBlock], self.blocks):  # a ModuleList is typed as holding any Module
+            for proj in (block.proj, cast(nn.Linear, block.mlp[-1])):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
         nn.init.normal_(self.position_embedding, std=0.02)
         if self.cls_token is not None:
