@@ -3,6 +3,7 @@
 from mtl_lightning.callbacks.conflict_heatmap import GradientConflictHeatmap
 from mtl_lightning.callbacks.finetuning import EncoderFinetuning
 from mtl_lightning.callbacks.metrics_table import MetricsTable, task_table
+from mtl_lightning.callbacks.prediction_writer import PredictionWriter
 from mtl_lightning.callbacks.task_schedule import TaskSchedule
 from mtl_lightning.callbacks.throughput import ThroughputTimer
 
@@ -10,6 +11,7 @@ __all__ = [
     "EncoderFinetuning",
     "GradientConflictHeatmap",
     "MetricsTable",
+    "PredictionWriter",
     "TaskSchedule",
     "ThroughputTimer",
     "task_table",
