@@ -93,7 +93,8 @@ def load_model(ckpt_path: str) -> MultiTaskModule:
     # The module keeps only plain hparams once built; the encoder's config (with the linked input_shape) is read
     # from the file, memory-mapped so that a large checkpoint is not read twice.
     hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    model.saved_encoder_config = hparams.get("encoder")
+    # A plain attribute MultiTaskModule does not declare; nn.Module types undeclared ones as Tensor | Module.
+    model.saved_encoder_config = hparams.get("encoder")  # type: ignore[assignment]
     return model.eval()
 
 

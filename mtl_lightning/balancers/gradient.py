@@ -30,7 +30,7 @@ communication instead of gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,10 @@ from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer
 from mtl_lightning.balancers.telemetry import gramian_telemetry
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
+
+if TYPE_CHECKING:  # TorchJD is imported where it is used, so a missing install gives a ConfigError
+    from torchjd.aggregation import Aggregator, Weighting
+    from torchjd.autogram import Engine
 
 Mode = Literal["representation", "parameter"]
 GramianMethod = Literal["batched", "autogram"]
@@ -66,9 +70,10 @@ def per_task_gradients(losses: Tensor, z: Tensor | Sequence[Tensor]) -> Tensor:
         reps = list(z)
         if len(reps) != len(losses) or len({id(r) for r in reps}) != len(reps):
             raise ValueError("per_task_gradients: give one shared tensor, or one distinct tensor per loss")
-        grads = torch.autograd.grad(losses.sum(), reps, retain_graph=True, allow_unused=True)
-        return torch.stack([torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=True)])
+        rep_grads = torch.autograd.grad(losses.sum(), reps, retain_graph=True, allow_unused=True)
+        return torch.stack([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads, strict=True)])
     eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+    grads: Tensor | None  # None where no loss reaches z (allow_unused)
     try:
         (grads,) = torch.autograd.grad(losses, z, eye, retain_graph=True, is_grads_batched=True, allow_unused=True)
     except RuntimeError:
@@ -83,6 +88,7 @@ def per_representation_gradients(losses: Tensor, reps: Sequence[Tensor]) -> list
     When the tensors are distinct, loss t depends on ``z_t`` only, so one backward of ``sum_t L_t`` through the
     heads gives every row; tasks that read the same tensor take one backward each.
     """
+    grads: Sequence[Tensor | None]  # None for a representation its loss does not reach (allow_unused)
     if len({id(r) for r in reps}) == len(reps):
         grads = torch.autograd.grad(losses.sum(), list(reps), retain_graph=True, allow_unused=True)
     else:
@@ -107,6 +113,7 @@ def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params
     num_tasks = grads[0].shape[0]
     device = grads[0].device
     params = list(params)
+    jacobians: Sequence[Tensor | None]  # None for a parameter no task reaches (allow_unused)
     try:
         jacobians = torch.autograd.grad(
             list(sources), params, list(grads), retain_graph=True, is_grads_batched=True, allow_unused=True
@@ -178,7 +185,7 @@ class GradientBalancer(Balancer):
         self.telemetry = telemetry
         self.gramian = gramian
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
-        self._engine = None
+        self._engine: Engine | None = None  # built by bind() for parameter mode with gramian="autogram"
         self._encoder_params: list[Tensor] = []
 
     @property
@@ -197,8 +204,8 @@ class GradientBalancer(Balancer):
         aggregator = self.make_aggregator(len(tasks))
         weighting = getattr(aggregator, "gramian_weighting", None)
         # Stored as a submodule so stateful weightings (GradVac, Nash-MTL) are checkpointed with the model.
-        self.weighting = weighting
-        self.aggregator = None if weighting is not None else aggregator
+        self.weighting: Weighting[Any] | None = weighting
+        self.aggregator: Aggregator | None = None if weighting is not None else aggregator
         if self.mode == "parameter":
             if self.aggregator is not None:
                 raise ConfigError(
@@ -218,7 +225,7 @@ class GradientBalancer(Balancer):
                 self._engine = self._make_engine(encoder)
 
     @staticmethod
-    def _make_engine(encoder: torch.nn.Module):
+    def _make_engine(encoder: torch.nn.Module) -> Engine:
         from torchjd.autogram import Engine
 
         leaves = [m for m in encoder.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
@@ -286,22 +293,27 @@ class GradientBalancer(Balancer):
                     gramian = gramian / dist.get_world_size() ** 2
             weights, aggregated = self._combine(gramian, present, flat, effective=inputs.log)
         if z is not None:
+            assert flat is not None  # set above whenever z is
             # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
             correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
             # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
             inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
         else:
-            inner = sum(
+            terms = [
                 (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
                 for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
-            )
+            ]
+            inner = cast(Tensor, sum(terms))  # never sum()'s start value 0: there is at least one task
         total = losses.sum()
         # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
         # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
         w = weights.to(losses.dtype).detach()
         value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
         loss = value + (total - total.detach()) + (inner - inner.detach())
-        logs = self._telemetry(gramian) if log else {}
+        logs: dict[str, Tensor] = {}
+        if log:
+            assert gramian is not None  # computed above whenever the step logs
+            logs = self._telemetry(gramian)
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
 
     def _gramian(
@@ -320,6 +332,8 @@ class GradientBalancer(Balancer):
             return parameter_gramian(sources, grads, params)
         assert projections is not None
         if not amp:
+            if self._engine is None:
+                raise RuntimeError(f"{type(self).__name__}: no autogram engine; bind() builds it from the encoder")
             return self._engine.compute_gramian(projections).float()
         # TorchJD's autogram engine fails on graphs recorded under autocast (bf16/fp16 activations with fp32
         # parameters: "expected scalar type BFloat16 but found Float"), so materialise J_θ: one backward through the
@@ -370,10 +384,12 @@ class GradientBalancer(Balancer):
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
         """Weights of the present tasks ``idx`` from their Gramian (hook for weightings with per-task state)."""
+        assert self.weighting is not None  # _combine weighs only when there is a weighting
         return self.weighting(gramian)
 
     def _aggregate(self, matrix: Tensor, idx: Tensor) -> Tensor:
         """Aggregated gradient of the present tasks ``idx`` (hook for aggregators sized to the task count)."""
+        assert self.aggregator is not None  # bind() sets one whenever there is no weighting
         return self.aggregator(matrix)
 
     def _telemetry(self, gramian: Tensor) -> dict[str, Tensor]:

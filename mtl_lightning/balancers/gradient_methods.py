@@ -7,7 +7,7 @@ naming the ``pip install`` that adds it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -15,6 +15,9 @@ from torch import Tensor
 from mtl_lightning.balancers.gradient import GradientBalancer, GramianMethod, Mode, _torchjd_aggregation
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
+
+if TYPE_CHECKING:  # TorchJD is imported where it is used (see gradient.py)
+    from torchjd.aggregation import Aggregator
 
 SOLVERS_EXTRA = 'pip install "mtl_lightning[solvers]"'
 
@@ -82,6 +85,8 @@ class IMTLG(GradientBalancer):
 class GradVac(GradientBalancer):
     """Gradient vaccine: aligns task gradients towards an EMA of their cosine similarity (Wang et al. 2021)."""
 
+    cosine_targets: Tensor  # a buffer, registered in bind()
+
     def __init__(
         self,
         beta: float = 0.5,
@@ -104,7 +109,9 @@ class GradVac(GradientBalancer):
         self.register_buffer("cosine_targets", torch.zeros(len(tasks), len(tasks)))
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
-        weighting = self.weighting
+        # TorchJD's GradVacWeighting (make_aggregator builds GradVac). Any: its EMA state `_phi_t` is a private
+        # buffer that TorchJD's own code types as None.
+        weighting: Any = self.weighting
         block = self.cosine_targets[idx][:, idx].to("cpu", gramian.dtype)
         weighting._phi_t, weighting._state_key = block, (len(idx), gramian.dtype)
         try:
@@ -160,7 +167,7 @@ class NashMTL(GradientBalancer):
     ):
         super().__init__("representation", ddp_exact, telemetry)
         self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
-        self._subset_aggregators: dict[tuple[int, ...], object] = {}
+        self._subset_aggregators: dict[tuple[int, ...], Aggregator] = {}
 
     def make_aggregator(self, num_tasks: int):
         return _build(
@@ -175,7 +182,7 @@ class NashMTL(GradientBalancer):
     def _aggregate(self, matrix: Tensor, idx: Tensor) -> Tensor:
         # TorchJD's NashMTL is sized to n_tasks: steps where some tasks are absent use one aggregator per subset.
         if len(idx) == len(self.task_names):
-            return self.aggregator(matrix)
+            return super()._aggregate(matrix, idx)
         key = tuple(idx.tolist())
         if key not in self._subset_aggregators:
             self._subset_aggregators[key] = self.make_aggregator(len(key))

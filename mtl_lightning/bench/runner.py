@@ -43,12 +43,15 @@ class RunFailed(RuntimeError):
 
 def _checkpoint_to_test(trainer: Trainer) -> tuple[str | None, str]:
     """(path for ``trainer.test``, what it is), as described in the module docstring."""
+    # Lightning's Checkpoint base class declares no paths; ModelCheckpoint has them. getattr on None gives "".
     callback = trainer.checkpoint_callback
-    if callback is not None and getattr(callback, "best_model_path", ""):
+    best: str = getattr(callback, "best_model_path", "")
+    if best:
         monitor = getattr(callback, "monitor", None)
-        return callback.best_model_path, f"best {monitor}" if monitor else "last"
-    if callback is not None and getattr(callback, "last_model_path", ""):
-        return callback.last_model_path, "last"
+        return best, f"best {monitor}" if monitor else "last"
+    last: str = getattr(callback, "last_model_path", "")
+    if last:
+        return last, "last"
     return None, "final"
 
 
@@ -88,7 +91,8 @@ def _worker(argv: list[str]) -> None:
     result = run_in_process(argv[1:])
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this; one writes
+    # Lightning sets `rank` on the rank_zero_only function at import; its type does not declare it.
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # under DDP every rank runs this; one writes
         Path(argv[0]).write_text(json.dumps(asdict(result)))
 
 

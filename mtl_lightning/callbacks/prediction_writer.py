@@ -17,7 +17,7 @@ import importlib.util
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -47,13 +47,13 @@ def infer_format(path: Path, format: str | None) -> str:
         if fmt not in ("csv", "parquet"):
             raise PredictionWriterError(f"unknown prediction format {format!r}; use 'csv' or 'parquet'")
         return fmt
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    inferred = FORMATS.get(path.suffix.lower())
+    if inferred is None:
         raise PredictionWriterError(
             f"cannot tell the format of {str(path)!r} from its suffix {path.suffix!r}: name the file *.csv or "
             "*.parquet, or set the writer's format: csv | parquet"
         )
-    return fmt
+    return inferred
 
 
 def check_parquet() -> None:
@@ -114,6 +114,16 @@ def _predict_loader(trainer: Trainer, dataloader_idx: int) -> Any:
     return loaders
 
 
+def _datamodule(trainer: Trainer) -> Any:
+    # Lightning's data connector sets `trainer.datamodule` (None without one); the Trainer class does not declare it.
+    return getattr(trainer, "datamodule", None)
+
+
+def _task_specs(pl_module: LightningModule) -> Mapping[str, TaskSpec]:
+    # MultiTaskModule.tasks: LightningModule does not declare it, so nn.Module's __getattr__ types it Tensor | Module.
+    return cast("Mapping[str, TaskSpec]", pl_module.tasks)
+
+
 def batch_keys(trainer: Trainer, batch_indices: Sequence[Any] | None, batch_idx: int, dataloader_idx: int) -> dict:
     """Key columns of one batch's rows, which identify each row across ranks.
 
@@ -132,7 +142,7 @@ def batch_keys(trainer: Trainer, batch_indices: Sequence[Any] | None, batch_idx:
     ):
         ids = np.asarray(batch_indices, dtype=np.int64)
         keys: dict[str, np.ndarray] = {"id": ids}
-        split_rows = getattr(trainer.datamodule, "split_rows", None)
+        split_rows = getattr(_datamodule(trainer), "split_rows", None)
         rows = split_rows.get("predict", split_rows.get("test")) if isinstance(split_rows, Mapping) else None
         if rows is not None and len(rows) == len(_predict_loader(trainer, dataloader_idx).dataset):
             keys["source_row"] = np.asarray(rows)[ids].astype(np.int64)
@@ -146,7 +156,7 @@ def batch_keys(trainer: Trainer, batch_indices: Sequence[Any] | None, batch_idx:
         return {"task": np.concatenate(sources), "id": np.concatenate(rows)}
     raise PredictionWriterError(
         f"PredictionWriter cannot tell which rows batch {batch_idx} holds: the predict DataLoader of "
-        f"{type(trainer.datamodule).__name__} has neither a batch sampler (Lightning records its indices) nor a "
+        f"{type(_datamodule(trainer)).__name__} has neither a batch sampler (Lightning records its indices) nor a "
         "sampler with `batches` of (source, rows) parts. Give the predict DataLoader a batch_size (map-style dataset)"
     )
 
@@ -217,12 +227,12 @@ class PredictionWriter(BasePredictionWriter):
             raise PredictionWriterError(
                 f"PredictionWriter expects predict_step to return {{task: tensor}}, got {type(prediction).__name__}"
             )
-        tasks: Mapping[str, TaskSpec] = pl_module.tasks  # type: ignore[assignment]
+        tasks = _task_specs(pl_module)
         columns = dict(batch_keys(trainer, batch_indices, batch_idx, dataloader_idx))
         n = len(columns["id"])
         if dataloader_idx:
             columns = {"dataloader": np.full(n, dataloader_idx, dtype=np.int64), **columns}
-        class_names = getattr(trainer.datamodule, "class_names", None)
+        class_names = getattr(_datamodule(trainer), "class_names", None)
         for name, spec in tasks.items():
             if name not in prediction:
                 continue
@@ -251,7 +261,9 @@ class PredictionWriter(BasePredictionWriter):
             return
         # Part files (npz, no pickling) next to the output, whose folder was checked to be writable.
         parts = [self._path.with_name(f".{self._path.name}.rank{r}.npz") for r in range(world)]
-        np.savez(parts[trainer.global_rank], **{k: _savable(frame[k].to_numpy()) for k in frame.columns})
+        arrays = {k: _savable(frame[k].to_numpy()) for k in frame.columns}
+        # Ignored below: mypy also matches **arrays against savez's allow_pickle: bool (numpy's stub signature).
+        np.savez(parts[trainer.global_rank], **arrays)  # type: ignore[arg-type]
         trainer.strategy.barrier("prediction_writer_parts")
         if trainer.global_rank == 0:
             missing = [str(p) for p in parts if not p.exists()]
@@ -300,7 +312,7 @@ def _finish(frame: pd.DataFrame, pl_module: LightningModule) -> pd.DataFrame:
         return frame
     keys = [k for k in ("dataloader", "task", "id") if k in frame.columns]
     if "task" in keys:  # sort tasks in the model's order, not alphabetically
-        order = [t for t in pl_module.tasks if t in set(frame["task"])]
+        order = [t for t in _task_specs(pl_module) if t in set(frame["task"])]
         frame["task"] = pd.Categorical(frame["task"].astype(str), categories=order)
     frame = frame.drop_duplicates(subset=keys).sort_values(keys, kind="stable").reset_index(drop=True)
     if "task" in keys:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,9 @@ import torch.nn as nn
 from mtl_lightning.compression.lowrank import restore_svd
 from mtl_lightning.compression.quantize import quiet_deprecations, restore_quantized
 from mtl_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 RECORD_KEY = "compression"
 _RESTORERS = {"svd": restore_svd, "dynamic_int8": restore_quantized}
@@ -54,11 +57,10 @@ def compression_steps(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
 def restore_compression(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Give ``model`` the structure recorded in ``checkpoint`` (no-op for ordinary checkpoints; idempotent)."""
     for step in compression_steps(checkpoint):
-        restore = _RESTORERS.get(step.get("method"))
+        method = step.get("method")
+        restore = _RESTORERS.get(method) if isinstance(method, str) else None
         if restore is None:
-            raise ConfigError(
-                f"unknown compression method {step.get('method')!r} in the checkpoint; known: {sorted(_RESTORERS)}"
-            )
+            raise ConfigError(f"unknown compression method {method!r} in the checkpoint; known: {sorted(_RESTORERS)}")
         restore(model, step)
 
 
@@ -82,12 +84,12 @@ def save_compressed(
     return checkpoint
 
 
-def load_compressed(path: str | Path, model_class: type | None = None) -> Any:
+def load_compressed(path: str | Path, model_class: type[LightningModule] | None = None) -> Any:
     """Load a (compressed or ordinary) checkpoint file into the model class it was trained with; see below."""
     return model_from_checkpoint(read_checkpoint(path), model_class)
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], model_class: type | None = None) -> Any:
+def model_from_checkpoint(checkpoint: dict[str, Any], model_class: type[LightningModule] | None = None) -> Any:
     """The model a (compressed or ordinary) checkpoint holds, on CPU, in eval mode (``MultiTaskModule`` by default).
 
     The model is built from the checkpoint's hyper-parameters with Lightning's own ``load_from_checkpoint`` (given

@@ -99,7 +99,8 @@ def report(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.ckpt_path)
     model = model_from_checkpoint(checkpoint)
     floats, int8 = parameter_counts(model)
-    steps = [s.get("method") for s in compression_steps(checkpoint)] or ["none"]
+    # Every step has a known method here: model_from_checkpoint raised on any other.
+    steps = [s["method"] for s in compression_steps(checkpoint)] or ["none"]
     print(f"{args.ckpt_path}: {_size(args.ckpt_path)}; compression: {', '.join(steps)}")
     print(f"parameters: {floats:,} float" + (f" + {int8:,} int8 weights" if int8 else ""))
     print(sparsity_table(sparsity_report(model)))

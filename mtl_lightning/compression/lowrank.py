@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -69,11 +69,13 @@ def factorize_linear(linear: nn.Linear, rank: int) -> nn.Sequential:
     first_w, second_w = _factors(linear.weight, rank)
     factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
     seq = factorised_linear(linear.in_features, linear.out_features, rank, linear.bias is not None, **factory)
+    # Sequential's items are typed Module: factorised_linear builds two Linear layers.
+    first, second = cast(nn.Linear, seq[0]), cast(nn.Linear, seq[1])
     with torch.no_grad():
-        seq[0].weight.copy_(first_w)
-        seq[1].weight.copy_(second_w)
+        first.weight.copy_(first_w)
+        second.weight.copy_(second_w)
         if linear.bias is not None:
-            seq[1].bias.copy_(linear.bias)
+            second.bias.copy_(linear.bias)
     return seq
 
 
@@ -109,7 +111,11 @@ def apply_svd(
     rows = []
     for name, linear in layers.items():
         s = torch.linalg.svdvals(linear.weight.detach().double())
-        r = rank if rank is not None else rank_for_energy(s, float(energy))  # type: ignore[arg-type]
+        if rank is not None:
+            r = rank
+        else:
+            assert energy is not None  # exactly one of rank and energy is given (checked above)
+            r = rank_for_energy(s, float(energy))
         kept = float((s[:r] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
         n_in, n_out = linear.in_features, linear.out_features
         bias = n_out if linear.bias is not None else 0

@@ -21,7 +21,12 @@ from mtl_lightning.compression.report import SparsityRow, sparsity_report, spars
 from mtl_lightning.compression.selection import DEFAULT_PATTERNS, select_layers
 from mtl_lightning.errors import ConfigError
 
-LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
 
 
 class ScheduledPruning(ModelPruning):
@@ -182,10 +187,11 @@ class ScheduledPruning(ModelPruning):
         when it saves such a checkpoint, so neither need hold the model at its final sparsity: pruning usually
         raises the validation loss for a while.
         """
-        callback = trainer.checkpoint_callback
-        if not self.final_checkpoint or callback is None or not getattr(callback, "dirpath", None):
+        # Lightning's Checkpoint base class declares no dirpath; ModelCheckpoint has one.
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if not self.final_checkpoint or not dirpath:
             return None
-        path = os.path.join(callback.dirpath, self.final_checkpoint)
+        path = os.path.join(dirpath, self.final_checkpoint)
         trainer.save_checkpoint(path)  # a collective: every rank calls it, rank 0 writes
         return path
 
@@ -197,7 +203,8 @@ class ScheduledPruning(ModelPruning):
     def _units(self, module: nn.Module, name: str) -> tuple[int, int]:
         """(pruned, total) units of one parameter: single weights, or slices along the structured dimension."""
         mask = getattr(module, f"{name}_mask", None)
-        param = getattr(module, f"{name}_orig", None) if mask is not None else getattr(module, name)
+        # torch.nn.utils.prune always adds `<name>_orig` together with `<name>_mask`.
+        param = getattr(module, f"{name}_orig") if mask is not None else getattr(module, name)
         if self.structured_dim is None:
             total = param.numel()
             return (int((mask == 0).sum()) if mask is not None else 0), total

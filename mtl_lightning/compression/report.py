@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch.nn as nn
 from torch import Tensor
@@ -34,10 +35,11 @@ def effective_weight(module: nn.Module) -> Tensor:
     """The weight the layer computes with: the mask applied while pruning is active, dequantised int8 values."""
     if isinstance(module, nnqd.Linear):
         return module.weight().dequantize()
+    # nn.Module types its attributes as Tensor | Module; a layer's weight (and prune's weight_orig) is a Parameter.
     mask = getattr(module, "weight_mask", None)
     if mask is not None:  # torch.nn.utils.prune re-parametrisation: weight = weight_orig * weight_mask
-        return module.weight_orig.detach() * mask
-    return module.weight.detach()
+        return cast(Tensor, module.weight_orig).detach() * mask
+    return cast(Tensor, module.weight).detach()
 
 
 def sparsity_report(model: nn.Module, names: Collection[str] | None = None) -> list[SparsityRow]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import TypeVar
 
 import torch.nn as nn
 
@@ -14,8 +15,10 @@ from mtl_lightning.errors import ConfigError
 _SKIPPED = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 DEFAULT_PATTERNS = ("encoder.*", "heads.*")
 
+M = TypeVar("M", bound=nn.Module)
 
-def candidate_layers(model: nn.Module, types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
+
+def candidate_layers(model: nn.Module, types: tuple[type[M], ...]) -> dict[str, M]:
     """Every sub-module of ``model`` that is an instance of ``types`` (MultiheadAttention's projection excluded)."""
     return {
         name: module
@@ -24,9 +27,7 @@ def candidate_layers(model: nn.Module, types: tuple[type[nn.Module], ...]) -> di
     }
 
 
-def select_layers(
-    model: nn.Module, patterns: Sequence[str], types: tuple[type[nn.Module], ...], what: str
-) -> dict[str, nn.Module]:
+def select_layers(model: nn.Module, patterns: Sequence[str], types: tuple[type[M], ...], what: str) -> dict[str, M]:
     """The layers of ``types`` whose names match any of ``patterns`` (shell-style, e.g. ``encoder.*``).
 
     Every pattern must match at least one layer: a typo would otherwise silently compress nothing. ``what`` names

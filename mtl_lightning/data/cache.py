@@ -57,7 +57,8 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            # Ignored below: mypy also matches **arrays against savez's allow_pickle: bool (numpy's stub signature).
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except OSError:
         if tmp is not None and os.path.exists(tmp):

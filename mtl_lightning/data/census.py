@@ -363,7 +363,13 @@ class CensusIncomeDataModule(TabularDataModule):
         for name, value in (("max_train_rows", max_train_rows), ("max_eval_rows", max_eval_rows)):
             if value is not None and value < 2:
                 raise DataError(f"{name} must be >= 2 (or null for every row), got {value}")
-        specs = _resolve_tasks(GROUPS[group] if tasks is None else tasks, task_defaults or {})
+        requested: Sequence[TaskSpec | str]
+        if tasks is None:
+            assert group is not None  # checked above: a null group needs a tasks list
+            requested = GROUPS[group]
+        else:
+            requested = tasks
+        specs = _resolve_tasks(requested, task_defaults or {})
         unknown = sorted(set(drop or []) - set(COLUMNS))
         if unknown:
             raise DataError(f"drop names columns that census files lack: {unknown}; columns are {list(COLUMNS)}")
@@ -565,7 +571,8 @@ def _strings(column: pd.Series) -> pd.Series:
         text = np.where(whole, values.astype(np.int64).astype(str), column.astype(str).to_numpy(dtype=object))
     else:
         text = column.astype(str).to_numpy(dtype=object)
-    return pd.Series(np.where(missing, None, text), index=column.index, dtype=object)
+    # None as a 0-d object array, what np.where makes of it anyway: numpy's stubs take no bare None there.
+    return pd.Series(np.where(missing, np.array(None, dtype=object), text), index=column.index, dtype=object)
 
 
 def _subsample(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
