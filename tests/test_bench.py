@@ -28,22 +28,22 @@ def test_delta_m_is_zero_when_equal() -> None:
 
 
 def test_delta_m_sign_follows_the_direction_of_each_metric() -> None:
-    # 10% higher: a gain when higher is better, a loss when lower is better.
-    assert delta_m({"a": 0.88}, {"a": 0.8}, {"a": True}) == pytest.approx(10.0)
-    assert delta_m({"a": 0.88}, {"a": 0.8}, {"a": False}) == pytest.approx(-10.0)
-    assert delta_m({"a": 0.45}, {"a": 0.5}, {"a": False}) == pytest.approx(10.0)
+    # 10% higher: a gain (negative Δm%) when higher is better, a loss (positive Δm%) when lower is better.
+    assert delta_m({"a": 0.88}, {"a": 0.8}, {"a": True}) == pytest.approx(-10.0)
+    assert delta_m({"a": 0.88}, {"a": 0.8}, {"a": False}) == pytest.approx(10.0)
+    assert delta_m({"a": 0.45}, {"a": 0.5}, {"a": False}) == pytest.approx(-10.0)
 
 
 def test_delta_m_is_the_mean_over_tasks() -> None:
     multi = {"acc": 0.88, "err": 0.45, "mse": 1.2}  # +10%, +10% (lower is better), -20% (lower is better)
     single = {"acc": 0.8, "err": 0.5, "mse": 1.0}
     directions = {"acc": True, "err": False, "mse": False}
-    assert delta_m(multi, single, directions) == pytest.approx((10 + 10 - 20) / 3)
+    assert delta_m(multi, single, directions) == pytest.approx(-(10 + 10 - 20) / 3)
 
 
 def test_delta_m_negative_baseline_keeps_the_direction() -> None:
-    # An R² of -0.5 raised to -0.25 is a gain: relative to |baseline| it is +50%.
-    assert delta_m({"r2": -0.25}, {"r2": -0.5}, {"r2": True}) == pytest.approx(50.0)
+    # An R² of -0.5 raised to -0.25 is a gain: relative to |baseline| it is 50%, so Δm% = -50.
+    assert delta_m({"r2": -0.25}, {"r2": -0.5}, {"r2": True}) == pytest.approx(-50.0)
 
 
 def test_delta_m_refuses_mismatched_tasks_and_zero_baselines() -> None:
@@ -69,7 +69,7 @@ def test_summary_compares_each_seed_with_the_single_task_means() -> None:
     lines = {line.variant: line for line in summarise(rows, primaries, ["mt", "missing"])}
     assert list(lines) == [SINGLE_TASK, "mt", "missing"]
     mt = lines["mt"]
-    seed0, seed1 = (10 + 10) / 2, (0 + 0) / 2  # per seed, against the means 0.8 and 0.5
+    seed0, seed1 = -(10 + 10) / 2, (0 + 0) / 2  # per seed, against the means 0.8 and 0.5
     assert mt.seeds == 2
     assert mt.delta is not None and mt.delta.mean == pytest.approx((seed0 + seed1) / 2)
     assert mt.delta.std == pytest.approx(math.sqrt(2) * 5)  # sample std of (10, 0)
@@ -80,7 +80,7 @@ def test_summary_compares_each_seed_with_the_single_task_means() -> None:
     assert lines["missing"].delta is None and lines["missing"].seeds == 0
     table = markdown(list(lines.values()), primaries)
     assert "a acc ↑" in table and "b mae ↓" in table
-    assert "| mt | 2 | 0.8400 ± 0.0566 | 0.4750 ± 0.0354 | +5.00 ± 7.07 |" in table
+    assert "| mt | 2 | 0.8400 ± 0.0566 | 0.4750 ± 0.0354 | -5.00 ± 7.07 |" in table
 
 
 # ------------------------------------------------------------------------------------------ suite validation
@@ -225,7 +225,7 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Mo
     table = (out / "results.md").read_text()
     for name in (SINGLE_TASK, "equal", "pcgrad"):
         assert f"| {name} | 2 |" in table
-    for label in ("purchase accuracy ↑", "segment accuracy ↑", "spend mae ↓", "Δm% ↑"):  # first metrics by default
+    for label in ("purchase accuracy ↑", "segment accuracy ↑", "spend mae ↓", "Δm% ↓"):  # first metrics by default
         assert label in table
     rows = _csv_runs(out / "results.csv")
     runs = {(r["run"], r["seed"]) for r in rows}

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tested = ", ".join(sorted({r.checkpoint for r in rows})) or "none yet"
     note = (
         f"Suite `{suite.name}`, seeds {seeds}; checkpoint tested: {tested}. Test metrics as mean ± sample std over "
-        "seeds; Δm% of each seed against the single-task means, positive = better than single-task.\n"
+        "seeds; Δm% of each seed against the single-task means, lower is better, negative = better than single-task.\n"
         f"Command: `{command}`"
     )
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
-"""Δm%: the mean relative gain of a multi-task model over single-task models, and the benchmark's summary table.
+"""Δm%: the mean relative change of a multi-task model against single-task models, and the benchmark's summary table.
 
-    Δm% = 100/T · Σ_t (-1)^{l_t} (M_mt,t - M_st,t) / |M_st,t|,    l_t = 1 if lower is better for M_t, else 0
+    Δm% = 100/T · Σ_t (-1)^{h_t} (M_mt,t - M_st,t) / |M_st,t|,    h_t = 1 if higher is better for M_t, else 0
 
-So **positive Δm% means better than single-task**: the convention of Maninis et al. (CVPR 2019, "Attentive
-single-tasking of multiple tasks") and Vandenhende et al. (TPAMI 2021, "Multi-task learning for dense prediction
-tasks: a survey"). The Nash-MTL (Navon et al., ICML 2022) and FAMO (Liu et al., NeurIPS 2023) papers report the
-same quantity with the opposite sign, as a "performance drop" where lower is better (their Δm% = -ours).
+So **lower Δm% is better, and a negative Δm% means better than single-task**: the multi-task "performance drop"
+of the Nash-MTL (Navon et al., ICML 2022) and FAMO (Liu et al., NeurIPS 2023) papers, whose tables this one can
+be read next to. Maninis et al. (CVPR 2019) and Vandenhende et al. (TPAMI 2021) report the same quantity with the
+opposite sign (higher is better there: their Δm% = -ours).
 The denominator is |M_st,t| rather than M_st,t so that a negative baseline (an R² below 0) does not flip the
-direction of the gain; for the usual positive metrics the two agree.
+direction of the change; for the usual positive metrics the two agree.
 
 Over seeds: the baseline of task t is the mean of its single-task runs over the seeds, M_st,t; Δm% is computed for
 each seed of a variant against those means, then reported as mean ± sample standard deviation over the seeds. The
@@ -28,7 +28,7 @@ from mtl_lightning.bench.suite import SINGLE_TASK
 
 
 def delta_m(multi: Mapping[str, float], single: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> float:
-    """Δm% of one multi-task result against the single-task results (positive: better); see the module docstring."""
+    """Δm% of one multi-task result against the single-task results (negative: better); see the module docstring."""
     tasks = list(single)
     if not tasks or set(multi) != set(tasks) or set(higher_is_better) != set(tasks):
         raise ValueError(
@@ -39,7 +39,7 @@ def delta_m(multi: Mapping[str, float], single: Mapping[str, float], higher_is_b
     for task in tasks:
         if single[task] == 0:
             raise ValueError(f"Δm% is undefined: the single-task value of {task!r} is 0 (a relative change of it)")
-        sign = 1.0 if higher_is_better[task] else -1.0
+        sign = -1.0 if higher_is_better[task] else 1.0
         total += sign * (multi[task] - single[task]) / abs(single[task])
     return 100.0 * total / len(tasks)
 
@@ -101,7 +101,7 @@ def summarise(rows: Iterable[Row], primaries: Mapping[str, Primary], variants: S
 
 def markdown(lines: Sequence[Line], primaries: Mapping[str, Primary]) -> str:
     """The summary as a Markdown table (also what the command prints)."""
-    header = ["variant", "seeds", *(p.label for p in primaries.values()), "Δm% ↑", "time/seed (s)"]
+    header = ["variant", "seeds", *(p.label for p in primaries.values()), "Δm% ↓", "time/seed (s)"]
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for line in lines:
         cells = [line.variant, str(line.seeds)]
