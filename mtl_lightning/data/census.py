@@ -455,12 +455,7 @@ class CensusIncomeDataModule(TabularDataModule):
                 self._categories[col] = cats
                 self._feature_names.extend(f"{col}={c}" for c in cats)
             else:
-                values = _as_numbers(train[col], f"feature column {col!r} of {source}", self._numeric_fix(col))
-                seen = values[~np.isnan(values)]
-                mean = float(seen.mean()) if seen.size else 0.0
-                std = float(seen.std()) if seen.size else 1.0
-                self._feature_stats[col] = (mean, std if std > 0 else 1.0)
-                self._feature_names.append(col)
+                self._fit_numeric(train[col], col, source)
         return categorical
 
     def _encode_features(

@@ -357,13 +357,17 @@ class TabularDataModule(MultiTaskDataModule):
                 self._categories[col] = cats
                 self._feature_names.extend(f"{col}={c}" for c in cats)
             else:
-                values = _as_numbers(train[col], f"feature column {col!r} of {source}", self._numeric_fix(col))
-                seen = values[~np.isnan(values)]
-                mean = float(seen.mean()) if seen.size else 0.0
-                std = float(seen.std()) if seen.size else 1.0
-                self._feature_stats[col] = (mean, std if std > 0 else 1.0)
-                self._feature_names.append(col)
+                self._fit_numeric(train[col], col, source)
         return categorical
+
+    def _fit_numeric(self, column: pd.Series, col: str, source: str) -> None:
+        """Standardisation statistics of a numeric feature column from the train split (NaN cells left out)."""
+        values = _as_numbers(column, f"feature column {col!r} of {source}", self._numeric_fix(col))
+        seen = values[~np.isnan(values)]
+        mean = float(seen.mean()) if seen.size else 0.0
+        std = float(seen.std()) if seen.size else 1.0
+        self._feature_stats[col] = (mean, std if std > 0 else 1.0)
+        self._feature_names.append(col)
 
     def _numeric_fix(self, col: str) -> str:
         return f"list {col!r} in categorical to one-hot encode it, add it to drop, or fix the cells"
