@@ -19,12 +19,13 @@ import torch.nn as nn
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MetricCollection
 
 from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
-from mtl_lightning.compression.checkpoint import restore_compression
+from mtl_lightning.compression.checkpoint import refuse_resume, restore_compression
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.heads import build_head
 from mtl_lightning.loss_tracker import StepAccumulator, TaskLossMean
@@ -589,6 +590,9 @@ class MultiTaskModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A compressed checkpoint records how its layers changed (low-rank, int8); rebuild that structure first so
         # that Lightning can load the weights into matching modules.
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            refuse_resume(checkpoint)  # before Lightning's own KeyError about missing optimizer states
         restore_compression(self, checkpoint)
         # Task names from the head weights the checkpoint holds, in their order (the order of the ModuleDict).
         saved = list(dict.fromkeys(k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("heads.")))

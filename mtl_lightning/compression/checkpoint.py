@@ -64,6 +64,17 @@ def restore_compression(model: nn.Module, checkpoint: dict[str, Any]) -> None:
         restore(model, step)
 
 
+def refuse_resume(checkpoint: dict[str, Any]) -> None:
+    """Raise if ``checkpoint`` is compressed: ``fit --ckpt_path`` would resume from it, but it holds no training state."""
+    methods = [str(step.get("method")) for step in compression_steps(checkpoint)]
+    if methods:
+        raise ConfigError(
+            f"cannot resume training from a compressed checkpoint ({', '.join(methods)}): it keeps the weights for "
+            "inference and drops the optimizer and loop state. Use it with mtl test, validate, predict or export; to "
+            "train further, resume from the checkpoint it was compressed from"
+        )
+
+
 def save_compressed(
     model: nn.Module, source: dict[str, Any], step: dict[str, Any] | None, path: str | Path
 ) -> dict[str, Any]:
