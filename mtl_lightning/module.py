@@ -588,11 +588,11 @@ class MultiTaskModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A compressed checkpoint records how its layers changed (low-rank, int8); rebuild that structure first so
-        # that Lightning can load the weights into matching modules.
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             refuse_resume(checkpoint)  # before Lightning's own KeyError about missing optimizer states
+        # A compressed checkpoint records how its layers changed (low-rank, int8); rebuild that structure first so
+        # that Lightning can load the weights into matching modules.
         restore_compression(self, checkpoint)
         # Task names from the head weights the checkpoint holds, in their order (the order of the ModuleDict).
         saved = list(dict.fromkeys(k.split(".")[1] for k in checkpoint.get("state_dict", {}) if k.startswith("heads.")))
