@@ -10,6 +10,7 @@ Flow of one batch ``{"inputs": x, "targets": {task: y}}``::
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
@@ -107,6 +108,7 @@ class MultiTaskModule(LightningModule):
         self.check_finite = check_finite
         self.compile_encoder = compile
         self._configured = False  # configure_model runs again for test/validate after fit: shard/compile once
+        self._sharded = False  # set by configure_model: FSDP runs the heads on gathered copies of their parameters
         register_units(encoder)
         self._values_checked: set[str] = set()
         self._active: set[str] | None = None  # None: every task (see set_active_tasks)
@@ -360,13 +362,33 @@ class MultiTaskModule(LightningModule):
             self._raise_nonfinite(means)
         log_now = self._train_step_logs_wanted()
         present = global_counts > 0
-        result = self.balancer(BalanceInput(means, present, reps, self.global_step, log=log_now, shared=shared))
+        result = self.balancer(
+            BalanceInput(
+                means,
+                present,
+                reps,
+                self.global_step,
+                log=log_now,
+                shared=shared,
+                task_parameters=self._task_parameters(),
+            )
+        )
         self._last_means = means.detach()
         self._accumulate("train", sums, counts, outputs if self.update_train_metrics else None, targets)
         if log_now:  # a task without a label anywhere in the step logs NaN (a gap in the curve), not a zero loss
             shown = torch.where(present, means.detach(), torch.full_like(means, torch.nan))
             self._log_train_step(result.loss, shown, result.weights, result.logs)
         return result.loss
+
+    def _task_parameters(self) -> list[Tensor]:
+        """Trainable parameters between the representations and the losses, for gradient methods to hand over.
+
+        Empty under FSDP: its forward reads gathered copies, not these tensors, so their gradients must come from
+        the sharded backward.
+        """
+        if self._sharded:
+            return []
+        return [p for p in itertools.chain(self.heads.parameters(), self.losses.parameters()) if p.requires_grad]
 
     def _global_counts(self, counts: Tensor) -> Tensor:
         """Labelled counts summed over all ranks (one small all-reduce per step under DDP)."""
@@ -543,6 +565,7 @@ class MultiTaskModule(LightningModule):
             return
         mesh = self.device_mesh
         sharded = mesh is not None or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy)
+        self._sharded = sharded
         if sharded and not self.balancer.supports_sharding:
             raise ConfigError(
                 f"{type(self.balancer).__name__} cannot run on a sharded model: {self.balancer.sharding_hint}"

@@ -30,6 +30,7 @@ from mtl_lightning.balancers import (
     PCGrad,
     UPGrad,
 )
+from mtl_lightning.balancers.handover import hand_over
 from mtl_lightning.callbacks import GradientConflictHeatmap
 from mtl_lightning.callbacks.conflict_heatmap import TAG, cosine_heatmap
 from mtl_lightning.errors import ConfigError
@@ -172,22 +173,31 @@ def by_hand(model: Tiny):
     return z, jz, jtheta, heads
 
 
-def through_balancer(model: Tiny, balancer, seed: int = 0):
+def through_balancer(model: Tiny, balancer, seed: int = 0, hand_over: bool = False):
+    """One step; ``hand_over``: as MultiTaskModule calls it (per-head aliases of z, the heads' parameters given)."""
     model.zero_grad()
-    z, losses = model()
+    z = model.encoder(model.x)
+    reps = {n: z.view_as(z) for n in "abc"} if hand_over else dict.fromkeys("abc", z)
+    losses = model.losses(reps)
+    params = list(model.heads.parameters()) if hand_over else []
     torch.manual_seed(seed)
-    out = balancer(BalanceInput(losses, torch.ones(len(losses), dtype=torch.bool), dict.fromkeys("abc", z)))
+    present = torch.ones(len(losses), dtype=torch.bool)
+    out = balancer(BalanceInput(losses, present, reps, shared=z if hand_over else None, task_parameters=params))
     out.loss.backward()
     return out
 
 
+HAND_OVER = pytest.mark.parametrize("hand_over", [False, True], ids=["heads-walked-twice", "heads-handed-over"])
+
+
+@HAND_OVER
 @pytest.mark.parametrize("cls", [UPGrad, MGDA, PCGrad, IMTLG, DualProj, CAGrad, AlignedMTL])
-def test_representation_mode_equals_direct_computation(cls):
+def test_representation_mode_equals_direct_computation(cls, hand_over):
     model = Tiny()
     _, jz, jtheta, head_grads = by_hand(model)
     torch.manual_seed(0)
     weights = WEIGHTINGS[cls]()(jz @ jz.T)
-    out = through_balancer(model, make(cls), seed=0)
+    out = through_balancer(model, make(cls), seed=0, hand_over=hand_over)
     torch.testing.assert_close(out.weights, weights, atol=1e-5, rtol=1e-4)
     # the encoder receives the aggregated update, sum_t w_t dL_t/dθ (chain rule through z) ...
     torch.testing.assert_close(param_grad(model.encoder.parameters()), weights @ jtheta, atol=1e-6, rtol=1e-4)
@@ -200,13 +210,14 @@ def test_representation_mode_equals_direct_computation(cls):
     assert float(out.loss.detach()) == pytest.approx(float(weights @ losses.detach() / weights.sum()), rel=1e-5)
 
 
-def test_graddrop_encoder_gets_graddrop_of_the_jacobian_on_z():
+@HAND_OVER
+def test_graddrop_encoder_gets_graddrop_of_the_jacobian_on_z(hand_over):
     model = Tiny()
     z, jz, _, head_grads = by_hand(model)
     torch.manual_seed(5)
     aggregated = tjd.GradDrop()(jz)
     expected = grads_of((z * aggregated.reshape(z.shape)).sum(), list(model.encoder.parameters()))
-    through_balancer(model, make(GradDrop), seed=5)
+    through_balancer(model, make(GradDrop), seed=5, hand_over=hand_over)
     torch.testing.assert_close(param_grad(model.encoder.parameters()), expected, atol=1e-6, rtol=1e-4)
     for head, expected_head in zip(model.heads, head_grads, strict=True):
         torch.testing.assert_close(param_grad(head.parameters()), expected_head, atol=1e-7, rtol=1e-5)
@@ -239,9 +250,11 @@ GRAMIANS = ["batched", "autogram"]
 
 
 @pytest.mark.parametrize("gramian", GRAMIANS)
-@pytest.mark.parametrize("aliases", [False, True], ids=["one-z", "aliases"])
+@pytest.mark.parametrize(
+    ("aliases", "hand_over"), [(False, False), (True, False), (True, True)], ids=["one-z", "aliases", "handed-over"]
+)
 @pytest.mark.parametrize("cls", [UPGrad, MGDA])
-def test_parameter_mode_gramian_and_update_are_exact(cls, aliases, gramian):
+def test_parameter_mode_gramian_and_update_are_exact(cls, aliases, hand_over, gramian):
     model = Tiny()
     _, _, jtheta, head_grads = by_hand(model)
     # autogram hooks the encoder at bind: every forward after it must reach the balancer. batched hooks nothing.
@@ -255,7 +268,9 @@ def test_parameter_mode_gramian_and_update_are_exact(cls, aliases, gramian):
     losses = model.losses(reps)
     reference = separate_jacobian(losses, model.encoder.parameters())
     torch.testing.assert_close(reference, jtheta)
-    out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps, shared=z if aliases else None))
+    params = list(model.heads.parameters()) if hand_over else []
+    present = torch.ones(3, dtype=torch.bool)
+    out = balancer(BalanceInput(losses, present, reps, shared=z if aliases else None, task_parameters=params))
     out.loss.backward()
     gramian_ = jtheta @ jtheta.T
     torch.testing.assert_close(gramians[0], gramian_, atol=1e-7, rtol=1e-5)
@@ -359,9 +374,10 @@ def per_task_losses(reps, heads, y):
     return torch.stack([F.mse_loss(heads[n](r).sum(-1), y[:, t]) for t, (n, r) in enumerate(reps.items())])
 
 
+@HAND_OVER
 @pytest.mark.parametrize("gramian", GRAMIANS)
 @pytest.mark.parametrize("encoder_cls", [PerTaskEncoder, TinyMMoE])
-def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian):
+def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian, hand_over):
     encoder = encoder_cls()
     heads = nn.ModuleDict({"a": nn.Linear(5 if encoder_cls is TinyMMoE else 3, 1), "b": nn.Linear(3, 1)})
     heads["c"] = nn.Linear(3, 1)
@@ -373,7 +389,10 @@ def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian):
     losses = per_task_losses(reps, heads, y)
     jtheta = separate_jacobian(losses, enc)
     head_grads = [grads_of(losses[t], list(heads[n].parameters())) for t, n in enumerate("abc")]
-    out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps))
+    # TinyMMoE's tasks b and c read one tensor: the heads are then walked again, whatever is given
+    params = list(heads.parameters()) if hand_over else []
+    out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps, task_parameters=params))
+    assert balancer._hand_over is (True if hand_over and encoder_cls is PerTaskEncoder else None)
     out.loss.backward()
     torch.testing.assert_close(gramians[0], jtheta @ jtheta.T, atol=1e-7, rtol=1e-5)
     weights = WEIGHTINGS[UPGrad]()(jtheta @ jtheta.T)
@@ -381,6 +400,121 @@ def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian):
     torch.testing.assert_close(param_grad(enc), tjd.UPGrad()(jtheta), atol=1e-6, rtol=1e-4)
     for n, expected in zip("abc", head_grads, strict=True):
         torch.testing.assert_close(param_grad(heads[n].parameters()), expected, atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ the heads' gradients handed over
+def head_walks(model: Tiny, balancer, hand_over: bool) -> int:
+    """How many backward passes go through head 0 in one step (forward, balancer, the final backward)."""
+    walks: list[int] = []
+
+    def watch(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad: walks.append(1))
+
+    hook = model.heads[0].register_forward_hook(watch)
+    try:
+        through_balancer(model, balancer, hand_over=hand_over)
+    finally:
+        hook.remove()
+    return len(walks)
+
+
+@pytest.mark.parametrize("mode", ["representation", "parameter"])
+def test_handed_over_heads_are_walked_once(mode):
+    model = Tiny()
+    assert head_walks(model, make(IMTLG, encoder=model.encoder, mode=mode), hand_over=False) == 2
+    assert head_walks(model, make(IMTLG, encoder=model.encoder, mode=mode), hand_over=True) == 1
+
+
+def test_a_parameter_missing_from_the_hand_over_falls_back_with_a_warning():
+    model = Tiny()
+    _, jz, jtheta, head_grads = by_hand(model)
+    balancer = make(UPGrad)
+    model.zero_grad()
+    z = model.encoder(model.x)
+    reps = {n: z.view_as(z) for n in "abc"}
+    losses = model.losses(reps)
+    given = [*model.heads[0].parameters(), *model.heads[1].parameters()]  # head 2 forgotten
+    with pytest.warns(UserWarning, match=r"not among the heads' parameters \(shapes \(1, 3\), \(1,\)\)"):
+        out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps, shared=z, task_parameters=given))
+    out.loss.backward()
+    assert balancer._hand_over is False
+    expected = WEIGHTINGS[UPGrad]()(jz @ jz.T) @ jtheta
+    torch.testing.assert_close(param_grad(model.encoder.parameters()), expected, atol=1e-6, rtol=1e-4)
+    for head, expected in zip(model.heads, head_grads, strict=True):
+        torch.testing.assert_close(param_grad(head.parameters()), expected, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "handed"), [(torch.bfloat16, True), (torch.float16, False)])
+def test_float16_autocast_keeps_the_heads_in_the_scaled_backward(dtype, handed):
+    model = Tiny()
+    z = model.encoder(model.x)
+    reps = {n: z.view_as(z) for n in "abc"}
+    inputs = BalanceInput(
+        model.losses(reps),
+        torch.ones(3, dtype=torch.bool),
+        reps,
+        shared=z,
+        task_parameters=list(model.heads.parameters()),
+    )
+    with torch.autocast("cpu", dtype=dtype):
+        assert bool(make(UPGrad)._handed_over_parameters(inputs, list(reps.values()))) is handed
+
+
+def test_hand_over_scales_with_the_incoming_gradient():
+    z = torch.randn(3, requires_grad=True)
+    w = torch.randn(2, requires_grad=True)
+    loss = hand_over([z, w], [torch.ones(3), None])
+    assert float(loss.detach()) == 0.0
+    (loss * 4.0).backward()
+    torch.testing.assert_close(z.grad, torch.full((3,), 4.0))
+    assert w.grad is None
+
+
+@pytest.mark.parametrize(
+    ("cls", "mode"), [(IMTLG, "representation"), (IMTLG, "parameter"), (GradDrop, "representation")]
+)
+def test_module_step_gives_the_same_gradients_with_the_heads_handed_over(cls, mode):
+    """MultiTaskModule hands its heads' parameters over; every gradient equals the two-walk computation's."""
+    from mtl_lightning.encoders.mlp import MLPEncoder
+    from mtl_lightning.module import MultiTaskModule
+
+    specs = [
+        TaskSpec("a", "binary"),
+        TaskSpec("b", "regression"),
+        TaskSpec("c", "multiclass", num_outputs=3, head_hidden=[4]),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "inputs": torch.randn(12, 5, generator=gen),
+        "targets": {
+            "a": torch.randint(0, 2, (12,), generator=gen).float(),
+            "b": torch.randn(12, generator=gen),
+            "c": torch.randint(0, 3, (12,), generator=gen),
+        },
+    }
+    grads = []
+    for hand in (True, False):
+        torch.manual_seed(0)
+        model = MultiTaskModule(
+            MLPEncoder((5,), hidden=[8, 6]), specs, balancer=cls(mode=mode) if mode == "parameter" else cls()
+        )
+        model.trainer = SimpleNamespace(  # one process; "this step is not logged"
+            world_size=1,
+            global_step=0,
+            fast_dev_run=False,
+            is_last_batch=False,
+            _logger_connector=SimpleNamespace(should_update_logs=False),
+        )
+        model._log_every_train_step = False
+        if not hand:
+            model._task_parameters = lambda: []  # type: ignore[method-assign]
+        torch.manual_seed(1)  # GradDrop's random mask
+        model.training_step(batch, 0).backward()
+        assert model.balancer._hand_over is (True if hand else None)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("heads.") for n in grads[0])
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
 def test_per_task_representations_need_parameter_mode():

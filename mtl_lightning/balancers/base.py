@@ -8,6 +8,7 @@ A new method is one subclass in one file plus one YAML under ``configs/balancer/
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,10 @@ class BalanceInput:
         log: Whether this step's logs will be written; telemetry can skip its work when False.
         shared: Under hard sharing, the encoder's output; ``representations`` then holds one alias (view) of it
             per task, so per-task gradients w.r.t. the representation come from one backward through the heads.
+        task_parameters: The trainable parameters between the representations and the losses (the heads', the loss
+            modules'). A gradient method takes their gradients in the same backward as the per-task gradients and
+            hands them over, so Lightning's backward does not walk the heads a second time. Empty (the default, and
+            under FSDP, whose forward runs on gathered copies of the parameters): the final backward walks them.
     """
 
     losses: Tensor
@@ -38,6 +43,7 @@ class BalanceInput:
     step: int = 0
     log: bool = True
     shared: Tensor | None = None
+    task_parameters: Sequence[Tensor] = ()
 
 
 @dataclass

@@ -29,6 +29,7 @@ communication instead of gradients.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer
+from mtl_lightning.balancers.handover import hand_over, leaves_outside
 from mtl_lightning.balancers.telemetry import gramian_telemetry
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
@@ -97,6 +99,21 @@ def per_representation_gradients(losses: Tensor, reps: Sequence[Tensor]) -> list
             for loss, r in zip(losses, reps, strict=True)
         ]
     return [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=True)]
+
+
+def gradients_with_task_parameters(
+    losses: Tensor, reps: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``dL_t/dz_t`` per task and ``d(sum_t L_t)/dp`` per task parameter ``p``, from one backward through the heads.
+
+    ``reps`` must be distinct tensors, one per loss, each read by its own loss only (the module's per-head
+    aliases, or per-task representations), so the gradient of the sum w.r.t. ``reps[t]`` is task t's alone. The
+    heads' graph is freed by this backward: the caller hands the parameter gradients over instead of walking it
+    again.
+    """
+    grads = torch.autograd.grad(losses.sum(), [*reps, *params], allow_unused=True)
+    rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=False)]
+    return rep_grads, list(grads[len(reps) :])
 
 
 def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -186,6 +203,7 @@ class GradientBalancer(Balancer):
         self.gramian = gramian
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
         self._engine: Engine | None = None  # built by bind() for parameter mode with gramian="autogram"
+        self._hand_over: bool | None = None  # whether the given task parameters are all the heads': checked once
         self._encoder_params: list[Tensor] = []
 
     @property
@@ -201,6 +219,7 @@ class GradientBalancer(Balancer):
 
     def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
+        self._hand_over = None  # new heads: check again
         aggregator = self.make_aggregator(len(tasks))
         weighting = getattr(aggregator, "gramian_weighting", None)
         # Stored as a submodule so stateful weightings (GradVac, Nash-MTL) are checkpointed with the model.
@@ -256,6 +275,10 @@ class GradientBalancer(Balancer):
                 "representation to balance in; set the balancer's mode: parameter"
             )
         parameter = self.mode == "parameter"
+        # The heads' parameter gradients, taken in the same backward as the per-task gradients and handed over
+        # (empty: Lightning's backward walks the heads again for them).
+        task_params = self._handed_over_parameters(inputs, reps)
+        param_grads: Sequence[Tensor | None] = ()
         flat: Tensor | None = None
         # Parameter mode: `sources`/`source_grads` feed the batched backward; `projections` (T,) are
         # o_t = <z_t, g_t> with g_t constant, whose gradient w.r.t. the encoder's parameters is task t's (chain
@@ -263,9 +286,12 @@ class GradientBalancer(Balancer):
         sources: list[Tensor] = []
         source_grads: list[Tensor] = []
         projections: Tensor | None = None
+        if task_params:
+            rep_grads, param_grads = gradients_with_task_parameters(losses, reps, task_params)
         if z is not None:
-            distinct = len({id(r) for r in reps}) == len(reps)  # one alias per head: one backward gives all rows
-            grads = per_task_gradients(losses, reps if distinct else z)  # (T, *z.shape)
+            # with one alias per head (the module's), one backward through the heads gives all rows: (T, *z.shape)
+            distinct = len({id(r) for r in reps}) == len(reps)
+            grads = torch.stack(rep_grads) if task_params else per_task_gradients(losses, reps if distinct else z)
             flat = grads.reshape(len(names), -1).float()
             if parameter and self.gramian == "batched":
                 sources, source_grads = [z], [grads]
@@ -273,7 +299,8 @@ class GradientBalancer(Balancer):
                 # a matrix-vector product: its T-batched backward is (T x T) @ J, with no T x T x |z| intermediate
                 projections = grads.reshape(len(names), -1) @ z.reshape(-1)
         else:
-            rep_grads = per_representation_gradients(losses, reps)
+            if not task_params:
+                rep_grads = per_representation_gradients(losses, reps)
             if parameter and self.gramian == "batched":
                 sources, source_grads = _batched_by_source(reps, rep_grads)
             elif parameter:
@@ -292,29 +319,70 @@ class GradientBalancer(Balancer):
                     dist.all_reduce(gramian)
                     gramian = gramian / dist.get_world_size() ** 2
             weights, aggregated = self._combine(gramian, present, flat, effective=inputs.log)
-        if z is not None:
+        # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
+        # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
+        w = weights.to(losses.dtype).detach()
+        value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
+        if task_params:
+            # The representation(s) get the aggregated gradient and the heads their own losses' gradients, with no
+            # second walk through the heads.
+            if z is not None:
+                assert flat is not None  # set above whenever z is
+                update = weights.to(flat.dtype) @ flat if aggregated is None else aggregated
+                targets, target_grads = [z], [update]
+            else:  # distinct representations (checked by _handed_over_parameters): task t's gets w_t g_t
+                targets = list(reps)
+                target_grads = [weights[i].to(g.dtype) * g for i, g in enumerate(rep_grads)]
+            loss = value + hand_over([*targets, *task_params], [*target_grads, *param_grads])
+        elif z is not None:
             assert flat is not None  # set above whenever z is
             # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
             correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
             # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
             inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
+            total = losses.sum()
+            loss = value + (total - total.detach()) + (inner - inner.detach())
         else:
             terms = [
                 (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
                 for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
             ]
             inner = cast(Tensor, sum(terms))  # never sum()'s start value 0: there is at least one task
-        total = losses.sum()
-        # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
-        # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
-        w = weights.to(losses.dtype).detach()
-        value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
-        loss = value + (total - total.detach()) + (inner - inner.detach())
+            total = losses.sum()
+            loss = value + (total - total.detach()) + (inner - inner.detach())
         logs: dict[str, Tensor] = {}
         if log:
             assert gramian is not None  # computed above whenever the step logs
             logs = self._telemetry(gramian)
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
+
+    def _handed_over_parameters(self, inputs: BalanceInput, reps: Sequence[Tensor]) -> list[Tensor]:
+        """The task parameters whose gradients this step takes with the per-task gradients and hands over, or [].
+
+        Empty, so Lightning's backward walks the heads for them as before, when none are given, when tasks share a
+        representation tensor (their gradients then take one backward each), under float16 autocast (taken here
+        unscaled, small gradients could underflow; Lightning's backward is scaled), and when the task losses reach a
+        trainable tensor that is neither given nor upstream of the representations (it would get no gradient; a
+        warning names it, once).
+        """
+        params = [p for p in inputs.task_parameters if p.requires_grad]
+        if not params or self._hand_over is False or len({id(r) for r in reps}) != len(reps):
+            return []
+        device = inputs.losses.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+            return []
+        if self._hand_over is None:
+            missing = leaves_outside(inputs.losses, reps, params)
+            self._hand_over = not missing
+            if missing:
+                shapes = ", ".join(str(tuple(m.shape)) for m in missing[:5])
+                warnings.warn(
+                    f"{type(self).__name__}: the task losses reach trainable tensors that are not among the heads' "
+                    f"parameters (shapes {shapes}); the heads' gradients will come from a second backward through "
+                    "them, which is correct but slower",
+                    stacklevel=2,
+                )
+        return params if self._hand_over else []
 
     def _gramian(
         self,
