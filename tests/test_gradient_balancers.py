@@ -173,16 +173,17 @@ def by_hand(model: Tiny):
     return z, jz, jtheta, heads
 
 
-def through_balancer(model: Tiny, balancer, seed: int = 0, hand_over: bool = False):
+def through_balancer(model: Tiny, balancer, seed: int = 0, hand_over: bool = False, aliases: bool | None = None):
     """One step; ``hand_over``: as MultiTaskModule calls it (per-head aliases of z, the heads' parameters given)."""
     model.zero_grad()
     z = model.encoder(model.x)
-    reps = {n: z.view_as(z) for n in "abc"} if hand_over else dict.fromkeys("abc", z)
+    aliases = hand_over if aliases is None else aliases
+    reps = {n: z.view_as(z) for n in "abc"} if aliases else dict.fromkeys("abc", z)
     losses = model.losses(reps)
     params = list(model.heads.parameters()) if hand_over else []
     torch.manual_seed(seed)
     present = torch.ones(len(losses), dtype=torch.bool)
-    out = balancer(BalanceInput(losses, present, reps, shared=z if hand_over else None, task_parameters=params))
+    out = balancer(BalanceInput(losses, present, reps, shared=z if aliases else None, task_parameters=params))
     out.loss.backward()
     return out
 
@@ -403,26 +404,61 @@ def test_per_task_representations_work_in_parameter_mode(encoder_cls, gramian, h
 
 
 # ------------------------------------------------------------------------ the heads' gradients handed over
-def head_walks(model: Tiny, balancer, hand_over: bool) -> int:
-    """How many backward passes go through head 0 in one step (forward, balancer, the final backward)."""
-    walks: list[int] = []
+def walks(model: Tiny, balancer, hand_over: bool) -> tuple[int, int]:
+    """How many backward passes go through head 0, and through the encoder's output, in one step."""
+    counts = [0, 0]
 
-    def watch(module: nn.Module, args: object, out: torch.Tensor) -> None:
-        out.register_hook(lambda grad: walks.append(1))
+    def watch(index: int):
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            out.register_hook(lambda grad: counts.__setitem__(index, counts[index] + 1))
 
-    hook = model.heads[0].register_forward_hook(watch)
+        return hook
+
+    hooks = [model.heads[0].register_forward_hook(watch(0)), model.encoder.register_forward_hook(watch(1))]
     try:
-        through_balancer(model, balancer, hand_over=hand_over)
+        through_balancer(model, balancer, hand_over=hand_over, aliases=True)
     finally:
-        hook.remove()
-    return len(walks)
+        for hook in hooks:
+            hook.remove()
+    return counts[0], counts[1]
 
 
-@pytest.mark.parametrize("mode", ["representation", "parameter"])
-def test_handed_over_heads_are_walked_once(mode):
+@pytest.mark.parametrize(
+    ("mode", "gramian", "before", "after"),
+    [
+        # representation mode: the heads once for the per-task gradients, once in Lightning's backward; the encoder
+        # once. Handed over, the heads are walked once.
+        ("representation", "batched", (2, 1), (1, 1)),
+        # parameter mode also walks the encoder for the Gramian; handed over, its update needs no second walk
+        ("parameter", "batched", (2, 2), (1, 1)),
+        # TorchJD's autogram engine gives the Gramian only: the encoder's update still comes from a backward
+        ("parameter", "autogram", (2, 2), (1, 2)),
+    ],
+)
+def test_handed_over_gradients_save_backward_walks(mode, gramian, before, after):
     model = Tiny()
-    assert head_walks(model, make(IMTLG, encoder=model.encoder, mode=mode), hand_over=False) == 2
-    assert head_walks(model, make(IMTLG, encoder=model.encoder, mode=mode), hand_over=True) == 1
+    make_one = lambda: make(IMTLG, encoder=model.encoder, mode=mode, gramian=gramian)  # noqa: E731
+    assert walks(model, make_one(), hand_over=False) == before
+    assert walks(model, make_one(), hand_over=True) == after
+
+
+def test_a_tensor_outside_the_encoder_keeps_the_encoder_in_the_final_backward():
+    """Parameter mode: a trainable tensor between the encoder and z gets its weighted gradient through z."""
+    model = Tiny()
+    scale = nn.Parameter(torch.tensor([0.5, 2.0, -1.0]))
+    balancer = make(UPGrad, encoder=model.encoder, mode="parameter")
+    z = model.encoder(model.x) * scale
+    reps = {n: z.view_as(z) for n in "abc"}
+    losses = model.losses(reps)
+    jtheta = separate_jacobian(losses, model.encoder.parameters())
+    jscale = separate_jacobian(losses, [scale])
+    params = list(model.heads.parameters())
+    out = balancer(BalanceInput(losses, torch.ones(3, dtype=torch.bool), reps, shared=z, task_parameters=params))
+    out.loss.backward()
+    assert balancer._hand_over is True and balancer._encoder_hand_over is False
+    weights = WEIGHTINGS[UPGrad]()(jtheta @ jtheta.T)
+    torch.testing.assert_close(param_grad(model.encoder.parameters()), weights @ jtheta, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(scale.grad, weights @ jscale, atol=1e-6, rtol=1e-4)
 
 
 def test_a_parameter_missing_from_the_hand_over_falls_back_with_a_warning():
@@ -511,6 +547,7 @@ def test_module_step_gives_the_same_gradients_with_the_heads_handed_over(cls, mo
         torch.manual_seed(1)  # GradDrop's random mask
         model.training_step(batch, 0).backward()
         assert model.balancer._hand_over is (True if hand else None)
+        assert model.balancer._encoder_hand_over is (True if hand and mode == "parameter" else None)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("heads.") for n in grads[0])
     for name in grads[1]:

@@ -116,42 +116,54 @@ def gradients_with_task_parameters(
     return rep_grads, list(grads[len(reps) :])
 
 
-def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """The T x T Gramian (float32) of the per-task gradients w.r.t. ``params``, from one T-batched backward.
+def parameter_jacobians(
+    sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]
+) -> list[Tensor | None]:
+    """``J_p`` (T, *p.shape) for every parameter tensor ``p``, from one T-batched backward (None: no task reaches p).
 
     ``sources`` are the tensors through which the task losses reach ``params`` (the shared representation, or each
     task's own), and ``grads[i]`` is ``(T, *sources[i].shape)``: row t is task t's gradient w.r.t. ``sources[i]``
     (zero where task t does not read it). By the chain rule row t, backpropagated from ``sources`` to ``params``, is
-    task t's gradient w.r.t. ``params``; one backward with ``is_grads_batched`` gives ``J_p`` (T, *p.shape) for every
-    parameter tensor p, and ``G = sum_p J_p J_p^T``. The backward holds T copies of the encoder's intermediate
-    gradients and returns the whole T x P Jacobian at once; both are freed here. Where a graph has no batching rule
-    it takes one backward per task instead.
+    task t's gradient w.r.t. ``params``. The backward holds T copies of the encoder's intermediate gradients and
+    returns the whole T x P Jacobian. Where a graph has no batching rule it takes one backward per task instead.
     """
     num_tasks = grads[0].shape[0]
-    device = grads[0].device
     params = list(params)
-    jacobians: Sequence[Tensor | None]  # None for a parameter no task reaches (allow_unused)
     try:
-        jacobians = torch.autograd.grad(
-            list(sources), params, list(grads), retain_graph=True, is_grads_batched=True, allow_unused=True
+        return list(
+            torch.autograd.grad(
+                list(sources), params, list(grads), retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
         )
     except RuntimeError:
         rows = [
             torch.autograd.grad(list(sources), params, [g[t] for g in grads], retain_graph=True, allow_unused=True)
             for t in range(num_tasks)
         ]
-        jacobians = [
+        return [
             None
             if all(row[i] is None for row in rows)
             else torch.stack([torch.zeros_like(p) if row[i] is None else row[i] for row in rows])
             for i, p in enumerate(params)
         ]
+
+
+def gramian_of(jacobians: Sequence[Tensor | None], num_tasks: int, device: torch.device) -> Tensor:
+    """``G = sum_p J_p J_p^T`` (T x T, float32) of per-parameter Jacobians ``(T, *p.shape)``."""
     gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float32, device=device)
     for jacobian in jacobians:
         if jacobian is not None:
             matrix = jacobian.reshape(num_tasks, -1).float()
             gramian.addmm_(matrix, matrix.T)
     return gramian
+
+
+def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The T x T Gramian (float32) of the per-task gradients w.r.t. ``params``, from one T-batched backward.
+
+    See :func:`parameter_jacobians`; the T x P Jacobian is freed once its Gramian is taken.
+    """
+    return gramian_of(parameter_jacobians(sources, grads, params), grads[0].shape[0], grads[0].device)
 
 
 def _batched_by_source(reps: Sequence[Tensor], rep_grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -204,6 +216,7 @@ class GradientBalancer(Balancer):
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
         self._engine: Engine | None = None  # built by bind() for parameter mode with gramian="autogram"
         self._hand_over: bool | None = None  # whether the given task parameters are all the heads': checked once
+        self._encoder_hand_over: bool | None = None  # whether the encoder's parameters are all that feed z: once
         self._encoder_params: list[Tensor] = []
 
     @property
@@ -219,7 +232,7 @@ class GradientBalancer(Balancer):
 
     def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
-        self._hand_over = None  # new heads: check again
+        self._hand_over = self._encoder_hand_over = None  # new heads or encoder: check again
         aggregator = self.make_aggregator(len(tasks))
         weighting = getattr(aggregator, "gramian_weighting", None)
         # Stored as a submodule so stateful weightings (GradVac, Nash-MTL) are checkpointed with the model.
@@ -313,7 +326,14 @@ class GradientBalancer(Balancer):
         with torch.autocast(losses.device.type, enabled=False):
             # Jacobian aggregators (GradDrop, Nash-MTL) use the Gramian for telemetry only.
             gramian = None
-            if self.weighting is not None or log:
+            # Parameter mode with the heads handed over: keep the Jacobians to hand the encoder its update as well,
+            # so Lightning's backward walks neither the heads nor the encoder.
+            encoder_params = self._handed_over_encoder(task_params, sources)
+            jacobians: list[Tensor | None] = []
+            if encoder_params:
+                jacobians = parameter_jacobians(sources, source_grads, encoder_params)
+                gramian = gramian_of(jacobians, len(names), losses.device)
+            elif self.weighting is not None or log:
                 gramian = self._gramian(flat, sources, source_grads, projections, amp)
                 if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                     dist.all_reduce(gramian)
@@ -326,7 +346,12 @@ class GradientBalancer(Balancer):
         if task_params:
             # The representation(s) get the aggregated gradient and the heads their own losses' gradients, with no
             # second walk through the heads.
-            if z is not None:
+            if encoder_params:  # the encoder's parameters get sum_t w_t J_p[t] directly
+                targets = encoder_params
+                target_grads = [
+                    None if jac is None else torch.tensordot(weights.to(jac.dtype), jac, dims=1) for jac in jacobians
+                ]
+            elif z is not None:
                 assert flat is not None  # set above whenever z is
                 update = weights.to(flat.dtype) @ flat if aggregated is None else aggregated
                 targets, target_grads = [z], [update]
@@ -383,6 +408,21 @@ class GradientBalancer(Balancer):
                     stacklevel=2,
                 )
         return params if self._hand_over else []
+
+    def _handed_over_encoder(self, task_params: Sequence[Tensor], sources: Sequence[Tensor]) -> list[Tensor]:
+        """The encoder parameters to hand their update over (parameter mode, batched Gramian), or [].
+
+        Only when the heads are handed over (else Lightning's backward walks z anyway) and the representations
+        depend on no trainable tensor outside the encoder (checked once; such a tensor would get no gradient).
+        """
+        if not (task_params and sources and self.mode == "parameter" and self.gramian == "batched"):
+            return []
+        if self.weighting is None or self._encoder_hand_over is False:
+            return []
+        params = [p for p in self._encoder_params if p.requires_grad]
+        if self._encoder_hand_over is None:
+            self._encoder_hand_over = bool(params) and not any(leaves_outside(s, [], params) for s in sources)
+        return params if self._encoder_hand_over else []
 
     def _gramian(
         self,
