@@ -498,11 +498,14 @@ def test_float16_autocast_keeps_the_heads_in_the_scaled_backward(dtype, handed):
 
 def test_hand_over_scales_with_the_incoming_gradient():
     z = torch.randn(3, requires_grad=True)
+    half = torch.randn(2, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(2, requires_grad=True)
-    loss = hand_over([z, w], [torch.ones(3), None])
+    loss = hand_over([z, half, w], [torch.ones(3), torch.full((2,), 0.5), None])
     assert float(loss.detach()) == 0.0
-    (loss * 4.0).backward()
+    (loss * 4.0).backward()  # e.g. an AMP loss scale, or 1 / accumulate_grad_batches
     torch.testing.assert_close(z.grad, torch.full((3,), 4.0))
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad, torch.full((2,), 2.0, dtype=torch.bfloat16))
     assert w.grad is None
 
 
