@@ -21,7 +21,10 @@ Sides, all timed in the same rounds:
 - TorchJD's own recipes on the same encoder and heads, with TorchJD's ``UPGrad``: ``mtl_backward(losses, features=z)``
   + ``jac_to_grad(encoder parameters, UPGrad())`` + ``optimizer.step()`` (autojac, the full Jacobian: what
   ``gramian="batched"`` computes), and ``Engine(encoder leaves).compute_gramian(losses)`` + ``UPGradWeighting`` +
-  ``losses.backward(weights)`` (autogram, what ``gramian="autogram"`` uses inside).
+  ``losses.backward(weights)`` (autogram, what ``gramian="autogram"`` uses inside);
+- with ``--walk-heads-twice``, every gradient-method side again as "(heads walked twice)": the module gives the
+  balancer no task parameters (as under FSDP), so the heads' gradients, and in parameter mode the encoder's, come
+  from a second walk in Lightning's backward instead of being handed over.
 
 Each round times every side once (round-robin, so drifts of the machine hit all sides alike): ``--warmup`` untimed
 steps, then enough steps for ``--min-time`` seconds (at least ``--min-steps``). Over ``--repeats`` rounds the table
@@ -91,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     p.add_argument("--train-metrics", action="store_true", help="update the per-task train metrics every step")
+    p.add_argument(
+        "--walk-heads-twice",
+        action="store_true",
+        help="also time each gradient method with the heads' gradients not handed over (Lightning's backward walks "
+        "the heads, and in parameter mode the encoder, a second time): the gain of the hand-over, side by side",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write every timed round as CSV")
     return p.parse_args(argv)
@@ -167,8 +176,13 @@ def build_module(balancer: nn.Module, num_tasks: int, args: argparse.Namespace):
     return model
 
 
-def module_side(name: str, kind: str, make: Callable[[], nn.Module], batches, num_tasks, args) -> Side:
+def module_side(
+    name: str, kind: str, make: Callable[[], nn.Module], batches, num_tasks, args, hand_over: bool = True
+) -> Side:
     model = build_module(make(), num_tasks, args)
+    if not hand_over:
+        # What the module gives under FSDP: no task parameters, so the balancer falls back to the second walk.
+        model._task_parameters = list  # type: ignore[method-assign]
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trainer = model.trainer
@@ -280,10 +294,13 @@ def build_sides(num_tasks: int, args: argparse.Namespace, skipped: list[Skipped]
             if name == "UPGrad":
                 autogram = functools.partial(cls, mode="parameter", gramian="autogram")
                 candidates.append((AUTOGRAM_SIDE, "parameter", autogram))
+    if args.walk_heads_twice:
+        candidates += [(f"{n} (heads walked twice)", k, m) for n, k, m in candidates if k != "loss"]
     sides = []
     for name, kind, make in candidates:
         try:
-            side = module_side(name, kind, make, batches, num_tasks, args)
+            hand_over = not name.endswith("(heads walked twice)")
+            side = module_side(name, kind, make, batches, num_tasks, args, hand_over=hand_over)
             for i in range(2):  # fails here rather than in the timed rounds; first-call costs (solver set-up)
                 side.step(i)
         except Exception as err:  # a balancer that cannot run with its defaults is reported, not timed

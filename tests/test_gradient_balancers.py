@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -871,3 +872,22 @@ def test_heatmap_callback_is_silent_off_rank_zero_and_with_loss_weighting(tmp_pa
     assert events.Tags()["images"] == []
     with pytest.raises(ValueError, match="every_n_steps"):
         GradientConflictHeatmap(every_n_steps=0)
+
+
+def test_balancing_benchmark_times_the_hand_over_against_the_second_walk(monkeypatch):
+    """benchmarks/balancing.py on a tiny model: every side runs, and each gradient method has its two-walk twin."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "balancing.py"
+    spec = importlib.util.spec_from_file_location("balancing_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    argv = ["--tasks", "3", "--methods", "IMTLG", "--repeats", "2", "--min-time", "0", "--min-steps", "1"]
+    argv += ["--features", "6", "--hidden", "8", "--batch-size", "8", "--threads", str(torch.get_num_threads())]
+    table = bench.main([*argv, "--walk-heads-twice"])
+    expected = {"EqualWeighting", "IMTLG", "IMTLG (parameter)", "IMTLG (heads walked twice)"}
+    assert expected | {"IMTLG (parameter) (heads walked twice)"} <= set(table)
+    assert all(math.isfinite(row[3]["ratio"]) and row[3]["ms"] > 0 for row in table.values())

@@ -15,12 +15,15 @@ working with no custom loop:
   constant, so ``do_t/dθ = dL_t/dθ``) instead: it never materialises ``J``, for encoders too large for T copies of
   their gradient.
 
-Either way the update is applied through ``z``: with ``g_t = dL_t/dz`` and ``g`` the aggregated gradient on ``z``,
-``sum_t L_t + <z, (g - sum_t g_t).detach()>`` gives every head the gradient of its own loss and the encoder
-``(dz/dθ)^T g``. For a Gramian weighting ``g = sum_t w_t g_t``, which makes the encoder's gradient exactly
-``sum_t w_t dL_t/dθ`` (the chain rule), whichever mode computed ``w``. Encoders that return one representation
-per task (MMoE, PLE, ...) have no single shared ``z``: use parameter mode there ("shared" = the encoder's
-parameters), and the same identity holds per representation.
+The update: with ``g_t = dL_t/dz`` and ``g`` the aggregated gradient on ``z`` (``sum_t w_t g_t`` for a weighting),
+every head must get the gradient of its own loss and the encoder ``(dz/dθ)^T g = sum_t w_t dL_t/dθ`` (the chain
+rule). When the module gives the heads' parameters (``BalanceInput.task_parameters``), their gradients come from
+the same backward as the ``g_t`` and are handed over (:mod:`~mtl_lightning.balancers.handover`), with ``g`` for
+``z``, so Lightning's backward does not walk the heads again; in parameter mode with the batched Gramian the encoder's
+parameters get ``sum_t w_t J_p[t]`` the same way. Otherwise (FSDP, float16 autocast, a balancer called directly)
+``sum_t L_t + <z, (g - sum_t g_t).detach()>`` gives the same gradients through one more walk of the heads.
+Encoders that return one representation per task (MMoE, PLE, ...) have no single shared ``z``: use parameter mode
+there ("shared" = the encoder's parameters), and the same identity holds per representation.
 
 Under DDP the T x T Gramian is all-reduced (representation mode: exactly the global batch's Gramian, since rows of
 ``z`` on different ranks are different variables), so every rank computes the same weights — a few bytes of
