@@ -26,9 +26,10 @@ Sides, all timed in the same rounds:
   balancer no task parameters (as under FSDP), so the heads' gradients, and in parameter mode the encoder's, come
   from a second walk in Lightning's backward instead of being handed over.
 
-Each round times every side once (round-robin, so drifts of the machine hit all sides alike): ``--warmup`` untimed
-steps, then enough steps for ``--min-time`` seconds (at least ``--min-steps``). Over ``--repeats`` rounds the table
-gives each side's median ms/step and the median of its per-round ratios to equal weighting (EqualWeighting).
+Each round times every side once, in a new (seeded) random order, so drifts of the machine and the after-effects of
+an expensive neighbour hit all sides alike: ``--warmup`` untimed steps, then enough steps for ``--min-time``
+seconds (at least ``--min-steps``). Over ``--repeats`` rounds the table gives each side's median ms/step and the
+median of its per-round ratios to equal weighting (EqualWeighting).
 
     python benchmarks/balancing.py                          # T = 2, 10, 40; about 2.5 minutes on 2 CPU cores
     python benchmarks/balancing.py --tasks 10 --methods UPGrad FAMO --out balancing.csv
@@ -44,6 +45,7 @@ import logging
 import math
 import os
 import platform
+import random
 import statistics
 import time
 import traceback
@@ -350,8 +352,11 @@ def measure(
                 for g in ("batched", "autogram")
             }
         counters = dict.fromkeys((s.name for s in sides), 2)
+        shuffler = random.Random(args.seed)
         for _ in range(args.repeats):
-            for side in sides:
+            # A new order every round: a side timed after an expensive one (cold caches, a throttled core) is a
+            # different side each round, not always the same neighbour.
+            for side in shuffler.sample(sides, len(sides)):
                 counters[side.name] = time_side(side, counters[side.name], args)
         results[num_tasks] = sides
         print(
