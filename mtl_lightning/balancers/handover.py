@@ -47,10 +47,18 @@ def hand_over(tensors: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tens
     """
     if len(tensors) != len(grads) or not tensors:
         raise ValueError("hand_over: give one gradient (or None) per tensor, and at least one tensor")
-    detached = tuple(
-        None if g is None else g.detach().to(t.dtype).reshape(t.shape) for t, g in zip(tensors, grads, strict=True)
-    )
-    return _HandOver.apply(detached, *tensors)
+    return _HandOver.apply(tuple(_as_gradient_of(t, g) for t, g in zip(tensors, grads, strict=True)), *tensors)
+
+
+def _as_gradient_of(tensor: Tensor, grad: Tensor | None) -> Tensor | None:
+    """``grad`` detached, in ``tensor``'s dtype and shape; no op where it already is (the heads have many tensors)."""
+    if grad is None:
+        return None
+    if grad.requires_grad:
+        grad = grad.detach()
+    if grad.dtype != tensor.dtype:
+        grad = grad.to(tensor.dtype)
+    return grad if grad.shape == tensor.shape else grad.reshape(tensor.shape)
 
 
 def leaves_outside(roots: Tensor, stops: Sequence[Tensor], known: Sequence[Tensor]) -> list[Tensor]:
