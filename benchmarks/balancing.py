@@ -61,7 +61,8 @@ import torch.nn.functional as F
 
 BASELINE = "EqualWeighting"
 TORCHJD_SIDES = ("torchjd autojac: mtl_backward+jac_to_grad", "torchjd autogram: Engine+UPGradWeighting")
-AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"  # our parameter mode with gramian="autogram", against TorchJD's
+AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"
+TWICE_SUFFIX = " (heads walked twice)"  # --walk-heads-twice: the side without the hand-over  # our parameter mode with gramian="autogram", against TorchJD's
 # Published time per epoch relative to equal weighting on CelebA (40 tasks), given with this benchmark's targets.
 PUBLISHED_CELEBA = {"PCGrad": 8.1, "NashMTL": 6.1, "MGDA": 5.6, "CAGrad": 4.5, "FAMO": 1.08}
 
@@ -297,11 +298,11 @@ def build_sides(num_tasks: int, args: argparse.Namespace, skipped: list[Skipped]
                 autogram = functools.partial(cls, mode="parameter", gramian="autogram")
                 candidates.append((AUTOGRAM_SIDE, "parameter", autogram))
     if args.walk_heads_twice:
-        candidates += [(f"{n} (heads walked twice)", k, m) for n, k, m in candidates if k != "loss"]
+        candidates += [(f"{n}{TWICE_SUFFIX}", k, m) for n, k, m in candidates if k != "loss"]
     sides = []
     for name, kind, make in candidates:
         try:
-            hand_over = not name.endswith("(heads walked twice)")
+            hand_over = not name.endswith(TWICE_SUFFIX)
             side = module_side(name, kind, make, batches, num_tasks, args, hand_over=hand_over)
             for i in range(2):  # fails here rather than in the timed rounds; first-call costs (solver set-up)
                 side.step(i)
@@ -386,6 +387,12 @@ def summarise(results: dict[int, list[Side]]) -> dict[str, dict[int, dict[str, f
     return table
 
 
+def versus(a: dict, b: dict) -> str:
+    """Two sides' median ms, and the median (min-max) over rounds of a / b in the same round."""
+    ratios = [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True)]
+    return f"{a['ms']:.2f} vs {b['ms']:.2f} ms: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, float]], args: argparse.Namespace) -> None:
     tasks = args.tasks
     print(
@@ -404,19 +411,11 @@ def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, floa
             row = per_t.get(t)
             line += f" {row['ms']:>10.2f} {row['ratio']:>6.2f}" if row else f" {'-':>10} {'-':>6}"
         print(line)
-    if not args.no_parameter_mode:
+    if not args.no_parameter_mode and "UPGrad (parameter)" in table:
         print(
             "\nparameter mode against TorchJD (UPGrad, same model): median ms/step, and the median over rounds of "
             "ours / TorchJD's in the same round (min-max)"
         )
-
-        def versus(a: dict, b: dict) -> str:
-            ratios = [x / y for x, y in zip(a["rounds"], b["rounds"], strict=True)]
-            return (
-                f"{a['ms']:.2f} vs {b['ms']:.2f} ms: {statistics.median(ratios):.2f}x "
-                f"({min(ratios):.2f}-{max(ratios):.2f})"
-            )
-
         for t in tasks:
             ours, ours_ag = (table.get(n, {}).get(t) for n in ("UPGrad (parameter)", AUTOGRAM_SIDE))
             autojac, autogram = (table.get(n, {}).get(t) for n in TORCHJD_SIDES)
@@ -427,6 +426,14 @@ def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, floa
                     f"{versus(ours_ag, autogram)}; max |Δweights| after one step vs autojac: batched "
                     f"{check.get('batched', math.nan):.1e}, autogram {check.get('autogram', math.nan):.1e}"
                 )
+    twins = [n for n in table if n.endswith(TWICE_SUFFIX)]
+    if twins:
+        print("\nthe hand-over against the second walk: median ms/step, and the median over rounds of handed / walked")
+        for twin in sorted(twins):
+            own = twin[: -len(TWICE_SUFFIX)]
+            for t in tasks:
+                if t in table.get(own, {}) and t in table[twin]:
+                    print(f"  T={t:<3} {own:<40} {versus(table[own][t], table[twin][t])}")
     big = max(tasks)
     quoted = [n for n in PUBLISHED_CELEBA if n in table and big in table[n]]
     if quoted:
