@@ -462,6 +462,36 @@ def test_a_tensor_outside_the_encoder_keeps_the_encoder_in_the_final_backward():
     torch.testing.assert_close(scale.grad, weights @ jscale, atol=1e-6, rtol=1e-4)
 
 
+@HAND_OVER
+@pytest.mark.parametrize("mode", ["representation", "parameter"])
+def test_the_gramian_is_all_reduced_under_ddp_in_every_path(monkeypatch, mode, hand_over):
+    """Two ranks simulated: the T x T Gramian (never the gradients) is all-reduced and divided by world²."""
+    import mtl_lightning.balancers.gradient as gradient
+
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        reduced.append(tensor.clone())
+        tensor.mul_(2)  # the other rank holds the same Gramian
+
+    fake = SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        get_world_size=lambda: 2,
+        all_reduce=all_reduce,
+        broadcast=lambda tensor, src: None,
+    )
+    monkeypatch.setattr(gradient, "dist", fake)
+    model = Tiny()
+    _, jz, jtheta, _ = by_hand(model)
+    seen = spy_gramians(balancer := make(IMTLG, encoder=model.encoder, mode=mode))
+    through_balancer(model, balancer, hand_over=hand_over, aliases=True)
+    jacobian = jz if mode == "representation" else jtheta
+    assert len(reduced) == 1
+    torch.testing.assert_close(reduced[0], jacobian @ jacobian.T, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(seen[0], jacobian @ jacobian.T / 2, atol=1e-6, rtol=1e-5)
+
+
 def test_a_parameter_missing_from_the_hand_over_falls_back_with_a_warning():
     model = Tiny()
     _, jz, jtheta, head_grads = by_hand(model)

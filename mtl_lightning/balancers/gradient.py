@@ -115,7 +115,7 @@ def gradients_with_task_parameters(
     again.
     """
     grads = torch.autograd.grad(losses.sum(), [*reps, *params], allow_unused=True)
-    rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=False)]
+    rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads[: len(reps)], strict=True)]
     return rep_grads, list(grads[len(reps) :])
 
 
@@ -338,9 +338,9 @@ class GradientBalancer(Balancer):
                 gramian = gramian_of(jacobians, len(names), losses.device)
             elif self.weighting is not None or log:
                 gramian = self._gramian(flat, sources, source_grads, projections, amp)
-                if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                    dist.all_reduce(gramian)
-                    gramian = gramian / dist.get_world_size() ** 2
+            if gramian is not None and self._all_reduces():
+                dist.all_reduce(gramian)
+                gramian = gramian / dist.get_world_size() ** 2
             weights, aggregated = self._combine(gramian, present, flat, effective=inputs.log)
         # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
         # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
@@ -383,6 +383,10 @@ class GradientBalancer(Balancer):
             assert gramian is not None  # computed above whenever the step logs
             logs = self._telemetry(gramian)
         return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
+
+    def _all_reduces(self) -> bool:
+        """Whether this step shares its Gramian (and weights) across DDP ranks."""
+        return self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _handed_over_parameters(self, inputs: BalanceInput, reps: Sequence[Tensor]) -> list[Tensor]:
         """The task parameters whose gradients this step takes with the per-task gradients and hands over, or [].
@@ -475,7 +479,7 @@ class GradientBalancer(Balancer):
                 weights = torch.zeros(len(present), dtype=dtype, device=gramian.device)
                 if len(idx) > 0:
                     weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(dtype)
-            if self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self._all_reduces():
                 # Randomised weightings (PCGrad's task order) must not depend on each rank's RNG stream: every rank
                 # applies rank 0's weights, as one process on the global batch would (T floats of communication).
                 dist.broadcast(weights, src=0)
