@@ -61,8 +61,8 @@ import torch.nn.functional as F
 
 BASELINE = "EqualWeighting"
 TORCHJD_SIDES = ("torchjd autojac: mtl_backward+jac_to_grad", "torchjd autogram: Engine+UPGradWeighting")
-AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"
-TWICE_SUFFIX = " (heads walked twice)"  # --walk-heads-twice: the side without the hand-over  # our parameter mode with gramian="autogram", against TorchJD's
+AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"  # our parameter mode with gramian="autogram", against TorchJD's
+TWICE_SUFFIX = " (heads walked twice)"  # --walk-heads-twice: a side without the hand-over
 # Published time per epoch relative to equal weighting on CelebA (40 tasks), given with this benchmark's targets.
 PUBLISHED_CELEBA = {"PCGrad": 8.1, "NashMTL": 6.1, "MGDA": 5.6, "CAGrad": 4.5, "FAMO": 1.08}
 

@@ -383,10 +383,10 @@ class MultiTaskModule(LightningModule):
     def _task_parameters(self) -> list[Tensor]:
         """Trainable parameters between the representations and the losses, for gradient methods to hand over.
 
-        Empty under FSDP: its forward reads gathered copies, not these tensors, so their gradients must come from
-        the sharded backward.
+        Empty under FSDP (its forward reads gathered copies, not these tensors, so their gradients must come from
+        the sharded backward) and for balancers that do not read them (gathering them costs ~0.1 ms at 10 tasks).
         """
-        if self._sharded:
+        if self._sharded or not self.balancer.uses_task_parameters:
             return []
         return [p for p in itertools.chain(self.heads.parameters(), self.losses.parameters()) if p.requires_grad]
 

@@ -62,6 +62,8 @@ class Balancer(nn.Module, ABC):
     #: gradients w.r.t. the full parameters sets it False and says what to use instead in ``sharding_hint``.
     supports_sharding: bool = True
     sharding_hint: str = ""
+    #: Whether the method reads ``BalanceInput.task_parameters``; the module gathers them only for those that do.
+    uses_task_parameters: bool = False
 
     def bind(self, tasks: list[TaskSpec], encoder: nn.Module | None = None) -> None:
         """Learn the task order, and anything else the method needs from the specs or the encoder.

@@ -228,6 +228,7 @@ class GradientBalancer(Balancer):
         return self.mode != "parameter"
 
     sharding_hint = "mode: parameter needs the full encoder parameters; use mode: representation with FSDP/FSDP2"
+    uses_task_parameters = True  # the heads' gradients are handed over (see _handed_over_parameters)
 
     def make_aggregator(self, num_tasks: int):
         """The TorchJD aggregator of this method (a GramianWeightedAggregator where possible)."""
