@@ -576,6 +576,8 @@ def test_module_step_gives_the_same_gradients_with_the_heads_handed_over(cls, mo
             _logger_connector=SimpleNamespace(should_update_logs=False),
         )
         model._log_every_train_step = False
+        frozen = next(p for n, p in model.named_parameters() if n.startswith("heads.b") and n.endswith("bias"))
+        frozen.requires_grad_(False)  # a partly frozen head: its frozen tensor is neither handed over nor updated
         if not hand:
             model._task_parameters = lambda: []  # type: ignore[method-assign]
         torch.manual_seed(1)  # GradDrop's random mask
@@ -583,7 +585,8 @@ def test_module_step_gives_the_same_gradients_with_the_heads_handed_over(cls, mo
         assert model.balancer._hand_over is (True if hand else None)
         assert model.balancer._encoder_hand_over is (True if hand and mode == "parameter" else None)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and any(n.startswith("heads.") for n in grads[0])
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("heads.b") for n in grads[0])
+    assert not any(n.startswith("heads.b") and n.endswith("bias") for n in grads[0])
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-5, msg=name)
 

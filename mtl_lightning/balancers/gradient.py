@@ -306,9 +306,12 @@ class GradientBalancer(Balancer):
         if task_params:
             rep_grads, param_grads = gradients_with_task_parameters(losses, reps, task_params)
         if z is not None:
-            # with one alias per head (the module's), one backward through the heads gives all rows: (T, *z.shape)
-            distinct = len({id(r) for r in reps}) == len(reps)
-            grads = torch.stack(rep_grads) if task_params else per_task_gradients(losses, reps if distinct else z)
+            if task_params:
+                grads = torch.stack(rep_grads)  # (T, *z.shape)
+            else:
+                # with one alias per head (the module's), one backward through the heads gives all rows
+                distinct = len({id(r) for r in reps}) == len(reps)
+                grads = per_task_gradients(losses, reps if distinct else z)
             flat = grads.reshape(len(names), -1).float()
             if parameter and self.gramian == "batched":
                 sources, source_grads = [z], [grads]
