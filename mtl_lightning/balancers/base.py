@@ -33,8 +33,9 @@ class BalanceInput:
             per task, so per-task gradients w.r.t. the representation come from one backward through the heads.
         task_parameters: The parameters between the representations and the losses (the heads', the loss
             modules'; frozen ones are skipped). A gradient method takes their gradients in the same backward as the
-            per-task gradients and hands them over, so Lightning's backward does not walk the heads a second time. Empty (the default, and
-            under FSDP, whose forward runs on gathered copies of the parameters): the final backward walks them.
+            per-task gradients and hands them over, so Lightning's backward does not walk the heads a second time.
+            Empty (the default, and under FSDP, whose forward runs on gathered copies of the parameters): the final
+            backward walks them.
     """
 
     losses: Tensor

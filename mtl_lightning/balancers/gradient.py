@@ -366,20 +366,19 @@ class GradientBalancer(Balancer):
                 targets = list(reps)
                 target_grads = [weights[i].to(g.dtype) * g for i, g in enumerate(rep_grads)]
             loss = value + hand_over([*targets, *task_params], [*target_grads, *param_grads])
-        elif z is not None:
-            assert flat is not None  # set above whenever z is
-            # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
-            correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
-            # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
-            inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
-            total = losses.sum()
-            loss = value + (total - total.detach()) + (inner - inner.detach())
-        else:
-            terms = [
-                (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
-                for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
-            ]
-            inner = cast(Tensor, sum(terms))  # never sum()'s start value 0: there is at least one task
+        else:  # the heads are walked again by Lightning's backward, through `total`
+            if z is not None:
+                assert flat is not None  # set above whenever z is
+                # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
+                correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
+                # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
+                inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
+            else:
+                terms = [
+                    (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
+                    for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
+                ]
+                inner = cast(Tensor, sum(terms))  # never sum()'s start value 0: there is at least one task
             total = losses.sum()
             loss = value + (total - total.detach()) + (inner - inner.detach())
         logs: dict[str, Tensor] = {}
@@ -426,9 +425,10 @@ class GradientBalancer(Balancer):
         Only when the heads are handed over (else Lightning's backward walks z anyway) and the representations
         depend on no trainable tensor outside the encoder (checked once; such a tensor would get no gradient).
         """
+        # (parameter mode always has a Gramian weighting: bind() refuses Jacobian aggregators there)
         if not (task_params and sources and self.mode == "parameter" and self.gramian == "batched"):
             return []
-        if self.weighting is None or self._encoder_hand_over is False:
+        if self._encoder_hand_over is False:
             return []
         params = [p for p in self._encoder_params if p.requires_grad]
         if self._encoder_hand_over is None:
