@@ -1,7 +1,8 @@
 """Write the pairwise cosine similarities of the task gradients to TensorBoard as a heatmap image.
 
 Gradient balancers (:class:`~mtl_lightning.balancers.GradientBalancer`) keep the last ``T x T`` cosine matrix of
-the per-task gradients in ``balancer.last_cosine`` whenever they compute telemetry (on the steps whose logs are
+the per-task gradients in ``balancer.last_cosine`` (the :class:`~mtl_lightning.contracts.HasGradientTelemetry`
+contract, which a balancer of one's own can meet too) whenever they compute telemetry (on the steps whose logs are
 written, see ``trainer.log_every_n_steps``). This callback renders the latest one: blue = opposed gradients
 (cosine -1), white = orthogonal, red = aligned (+1); rows and columns follow the model's task order, which is
 written once as a text entry next to the images. Rendered with torch alone (no matplotlib).
@@ -13,6 +14,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+
+from mtl_lightning.contracts import HasGradientTelemetry
 
 TAG = "train/balance/cosine_heatmap"
 
@@ -51,7 +54,11 @@ class GradientConflictHeatmap(Callback):
     ) -> None:
         if not trainer.is_global_zero:
             return
-        cosine = getattr(getattr(pl_module, "balancer", None), "last_cosine", None)
+        # The LightningModule's `balancer` attribute (MultiTaskModule's; other modules may have none).
+        balancer = getattr(pl_module, "balancer", None)
+        if not isinstance(balancer, HasGradientTelemetry):
+            return
+        cosine = balancer.last_cosine
         if cosine is None or cosine is self._last_matrix:
             return
         step = trainer.global_step
@@ -61,7 +68,7 @@ class GradientConflictHeatmap(Callback):
         if not loggers:
             return
         image = cosine_heatmap(cosine, self.cell)
-        names = list(getattr(pl_module.balancer, "task_names", []))
+        names = list(balancer.task_names)
         for logger in loggers:
             writer = logger.experiment
             writer.add_image(TAG, image, step, dataformats="HWC")

@@ -24,6 +24,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from mtl_lightning.contracts import SupportsFlopsPerSample
+
 # Dense (no sparsity) bf16 tensor-core peaks, matched in order on the lower-cased CUDA device name. NVIDIA's data
 # sheets print the 2:4-sparsity figures (twice these) in the headline columns.
 DENSE_BF16_PEAKS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -54,16 +56,18 @@ def dense_bf16_peak_flops(device: torch.device) -> float | None:
 def model_flops_per_sample(pl_module: LightningModule) -> tuple[int, str]:
     """Training (forward + backward) matmul FLOPs per sample and how they were counted.
 
-    ``encoder.flops_per_sample()`` when the encoder has it (the Transformer's counts attention too), else
+    ``encoder.flops_per_sample()`` when the encoder has it (:class:`~mtl_lightning.contracts.SupportsFlopsPerSample`;
+    the Transformer's counts attention too), else
     ``6 * encoder parameters`` (2 FLOPs per weight for the forward, 4 for the backward: exact for an MLP); the
     heads always add ``6 * their parameters``.
     """
+    # The LightningModule's `encoder` and `heads` (MultiTaskModule's; any other module is counted as a whole).
     encoder = getattr(pl_module, "encoder", None)
     heads = getattr(pl_module, "heads", None)
     head_params = sum(p.numel() for p in heads.parameters()) if isinstance(heads, torch.nn.Module) else 0
-    counter = getattr(encoder, "flops_per_sample", None)
-    if callable(counter):
-        return int(counter()) + 6 * head_params, f"{type(encoder).__name__}.flops_per_sample() + 6 * head params"
+    if isinstance(encoder, SupportsFlopsPerSample):
+        flops = int(encoder.flops_per_sample())
+        return flops + 6 * head_params, f"{type(encoder).__name__}.flops_per_sample() + 6 * head params"
     module = encoder if isinstance(encoder, torch.nn.Module) else pl_module
     params = sum(p.numel() for p in module.parameters())
     return 6 * (params + head_params), "6 * (encoder + head) params"

@@ -21,16 +21,15 @@ from mtl_lightning.encoders._common import (
     check_conv_args,
     check_mlp_args,
     check_pooled_size,
-    check_task_names,
     check_widths,
     conv_block,
     flat_features,
     image_shape,
     pool_features,
     rebind,
-    unbound,
 )
 from mtl_lightning.encoders.mlp import ACTIVATIONS, NORMS
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 from mtl_lightning.errors import ConfigError
 
 
@@ -107,7 +106,7 @@ class CrossStitchUnit(nn.Module):
         return torch.stack([row(stacked) for row in self.rows.values()])
 
 
-class _CrossStitchBase(nn.Module):
+class _CrossStitchBase(PerTaskEncoder):
     """Columns of blocks (``self.blocks[l][task]``), a cross-stitch unit after every block, a final per-column map."""
 
     def _setup_units(self, num_layers: int, alpha_same: float) -> None:
@@ -118,7 +117,6 @@ class _CrossStitchBase(nn.Module):
         self.alpha_same = alpha_same
         self.blocks = nn.ModuleList(nn.ModuleDict() for _ in range(num_layers))
         self.stitches = nn.ModuleList(CrossStitchUnit(alpha_same) for _ in range(num_layers))
-        self.task_names: list[str] = []
 
     def _build_block(self, layer: int) -> nn.Module:
         raise NotImplementedError
@@ -133,25 +131,22 @@ class _CrossStitchBase(nn.Module):
     def _finish(self, h: Tensor) -> Tensor:
         return h
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """One column per task; kept tasks keep their columns, the stitch matrices keep their entries between them."""
-        self.task_names = check_task_names(type(self).__name__, names)
         for layer in range(len(self.blocks)):
 
             def build(_: str, layer: int = layer) -> nn.Module:
                 return self._build_block(layer)
 
-            column = rebind(self, self._columns()[layer], names, build)
+            column = self.per_task(self._columns()[layer], build)
             self.blocks[layer] = column
-            self._units()[layer].bind_tasks(self.task_names, like=next(column.parameters()))
+            self._units()[layer].bind_tasks(names, like=next(column.parameters()))
 
     def fsdp_units(self) -> list[nn.Module]:
         """Every block of every column."""
         return [block for blocks in self._columns() for block in blocks.values()]
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         hs: list[Tensor] | Tensor = [x] * len(self.task_names)
         for blocks, stitch in zip(self._columns(), self.stitches, strict=True):
             hs = stitch(torch.stack([block(h) for block, h in zip(blocks.values(), hs, strict=True)])).unbind(0)
@@ -196,6 +191,7 @@ class CrossStitch(_CrossStitchBase):
         self.hidden = check_widths(name, "hidden", hidden, "[128, 64]")
         self.in_features = flat_features(name, input_shape)
         self._layer_args = (dropout, norm, activation)
+        self.task_features = self.hidden[-1]
         self._setup_units(len(self.hidden), alpha_same)
 
     def _build_block(self, layer: int) -> nn.Module:
@@ -210,12 +206,8 @@ class CrossStitch(_CrossStitchBase):
             layers.append(nn.Dropout(dropout))
         return nn.Sequential(*layers)
 
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.hidden[-1])
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return super().forward(x.flatten(1))
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
+        return super().forward_tasks(x.flatten(1))
 
 
 class CrossStitchConv(_CrossStitchBase):
@@ -255,6 +247,7 @@ class CrossStitchConv(_CrossStitchBase):
         self.in_channels = image_shape(name, input_shape, len(self.channels))[0]
         self.pooled_size = check_pooled_size(name, pooled_size)
         self._stage_args = (kernel_size, norm, activation)
+        self.task_features = self.channels[-1] * self.pooled_size**2
         self._setup_units(len(self.channels), alpha_same)
 
     def _build_block(self, layer: int) -> nn.Module:
@@ -264,7 +257,3 @@ class CrossStitchConv(_CrossStitchBase):
 
     def _finish(self, h: Tensor) -> Tensor:
         return pool_features(h, self.pooled_size)
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.channels[-1] * self.pooled_size**2)

@@ -18,19 +18,17 @@ from torch import Tensor
 from mtl_lightning.encoders._common import (
     check_count,
     check_mlp_args,
-    check_task_names,
     check_widths,
     coefficient_of_variation,
     flat_features,
     mlp,
     normalised_entropy,
-    rebind,
-    unbound,
     zero_logs,
 )
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 
 
-class MMoE(nn.Module):
+class MMoE(PerTaskEncoder):
     """Shared MLP experts mixed by one softmax gate per task; returns ``{task: mixture}``.
 
     Args:
@@ -62,31 +60,23 @@ class MMoE(nn.Module):
         self.num_experts = check_count(name, "num_experts", num_experts, 1, "e.g. num_experts: 4")
         widths = check_widths(name, "expert_hidden", expert_hidden, "[128, 64]")
         self.in_features = flat_features(name, input_shape)
-        self.expert_features = widths[-1]
+        self.expert_features = self.task_features = widths[-1]
         self.experts = nn.ModuleList(
             mlp(self.in_features, widths, dropout, norm, activation) for _ in range(self.num_experts)
         )
         self.gates = nn.ModuleDict()
-        self.task_names: list[str] = []
         self._last_gates: dict[str, Tensor] = {}
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """One gate per task: kept tasks keep theirs, new tasks get a new one, removed tasks lose theirs."""
-        self.task_names = check_task_names(type(self).__name__, names)
-        self.gates = rebind(self, self.gates, names, lambda _: nn.Linear(self.in_features, self.num_experts))
+        self.gates = self.per_task(self.gates, lambda _: nn.Linear(self.in_features, self.num_experts))
         self._last_gates = {}
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.expert_features)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Each expert."""
         return list(self.experts)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         x = x.flatten(1)
         experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (N, E, D)
         gates = {name: torch.softmax(gate(x), dim=-1) for name, gate in self.gates.items()}  # (N, E) each

@@ -22,17 +22,15 @@ from torch import Tensor
 from mtl_lightning.encoders._common import (
     check_conv_args,
     check_pooled_size,
-    check_task_names,
     check_widths,
     conv_block,
     conv_norm,
     image_shape,
     pool_features,
-    rebind,
-    unbound,
     zero_logs,
 )
 from mtl_lightning.encoders.mlp import ACTIVATIONS
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 
 
 class BackboneStage(nn.Module):
@@ -66,7 +64,7 @@ class AttentionModule(nn.Module):
         return self.net(x)
 
 
-class MTAN(nn.Module):
+class MTAN(PerTaskEncoder):
     """Shared conv backbone, one attention module per task and stage; returns ``{task: pooled attended features}``.
 
     Args:
@@ -99,6 +97,7 @@ class MTAN(nn.Module):
         self.channels = check_widths(name, "channels", channels, "[16, 32]")
         c_in = image_shape(name, input_shape, len(self.channels))[0]
         self.pooled_size = check_pooled_size(name, pooled_size)
+        self.task_features = self.channels[-1] * self.pooled_size**2
         self.norm, self.activation = norm, activation
         ins = [c_in, *self.channels[:-1]]
         self.stages = nn.ModuleList(
@@ -113,7 +112,6 @@ class MTAN(nn.Module):
             for j in range(1, len(self.channels))
         )
         self.attention = nn.ModuleDict()
-        self.task_names: list[str] = []
         self._last_means: Tensor | None = None
 
     def _task_attention(self) -> nn.ModuleList:
@@ -121,23 +119,16 @@ class MTAN(nn.Module):
             AttentionModule(c if j == 0 else 2 * c, c, self.norm, self.activation) for j, c in enumerate(self.channels)
         )
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """One attention module per task and stage; kept tasks keep theirs."""
-        self.task_names = check_task_names(type(self).__name__, names)
-        self.attention = rebind(self, self.attention, names, lambda _: self._task_attention())
+        self.attention = self.per_task(self.attention, lambda _: self._task_attention())
         self._last_means = None
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.channels[-1] * self.pooled_size**2)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Each backbone stage."""
         return list(self.stages)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         attended: dict[str, Tensor] = {}
         means = []
         h = x

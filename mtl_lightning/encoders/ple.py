@@ -22,16 +22,15 @@ from torch import Tensor
 from mtl_lightning.encoders._common import (
     check_count,
     check_mlp_args,
-    check_task_names,
     check_widths,
     coefficient_of_variation,
     flat_features,
     mlp,
     normalised_entropy,
     rebind,
-    unbound,
     zero_logs,
 )
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 
 
 class ExtractionLevel(nn.Module):
@@ -108,7 +107,7 @@ class ExtractionLevel(nn.Module):
         return shared_out, outputs, gates
 
 
-class PLE(nn.Module):
+class PLE(PerTaskEncoder):
     """Progressive Layered Extraction: ``num_levels`` extraction levels of shared and task-specific MLP experts.
 
     Args:
@@ -149,7 +148,7 @@ class PLE(nn.Module):
         )
         widths = check_widths(name, "expert_hidden", expert_hidden, "[128, 64]")
         self.in_features = flat_features(name, input_shape)
-        self.expert_features = widths[-1]
+        self.expert_features = self.task_features = widths[-1]
         mlp_args = {"dropout": dropout, "norm": norm, "activation": activation}
         self.levels = nn.ModuleList(
             ExtractionLevel(
@@ -162,30 +161,22 @@ class PLE(nn.Module):
             )
             for j in range(self.num_levels)
         )
-        self.task_names: list[str] = []
         self._last_gates: list[dict[str, Tensor]] = []
 
     def _levels(self) -> list[ExtractionLevel]:
         return cast(list[ExtractionLevel], list(self.levels))  # a ModuleList is typed as holding any Module
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """Task experts, task gates and shared-gate rows per task, at every level; kept tasks keep theirs."""
-        self.task_names = check_task_names(type(self).__name__, names)
         for level in self._levels():
-            level.bind_tasks(self.task_names)
+            level.bind_tasks(names)
         self._last_gates = []
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.expert_features)
 
     def fsdp_units(self) -> list[nn.Module]:
         """Every expert of every level."""
         return [e for level in self._levels() for e in level.experts()]
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         flat = x.flatten(1)
         shared: Tensor | None = flat
         task_in: dict[str, Tensor] = dict.fromkeys(self.task_names, flat)

@@ -15,17 +15,15 @@ from torch import Tensor
 from mtl_lightning.encoders._common import (
     check_count,
     check_mlp_args,
-    check_task_names,
     check_widths,
     flat_features,
     mlp,
-    rebind,
-    unbound,
 )
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 from mtl_lightning.errors import ConfigError
 
 
-class SharedBottom(nn.Module):
+class SharedBottom(PerTaskEncoder):
     """``z_t = tower_t(bottom(x))``: the ``shared`` layers are common to all tasks, the ``tower`` layers are per task.
 
     Every layer is ``Linear -> norm -> activation -> dropout``. ``tower: []`` is hard sharing (every task reads the
@@ -64,29 +62,21 @@ class SharedBottom(nn.Module):
         self.bottom = mlp(self.in_features, shared, **self._mlp_args) if shared else nn.Identity()
         self.bottom_features = shared[-1] if shared else self.in_features
         self.towers: nn.ModuleDict | None = nn.ModuleDict() if tower else None
-        self.task_names: list[str] = []
+        self.task_features = tower[-1] if tower else self.bottom_features
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """One tower per task: kept tasks keep theirs (and its weights), new tasks get a new one."""
-        self.task_names = check_task_names(type(self).__name__, names)
         if self.towers is not None:
-            self.towers = rebind(
-                self, self.towers, names, lambda _: mlp(self.bottom_features, self.tower_widths, **self._mlp_args)
+            self.towers = self.per_task(
+                self.towers, lambda _: mlp(self.bottom_features, self.tower_widths, **self._mlp_args)
             )
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        width = self.tower_widths[-1] if self.tower_widths else self.bottom_features
-        return dict.fromkeys(self.task_names, width)
 
     def fsdp_units(self) -> list[nn.Module]:
         """The bottom and each tower."""
         units = [self.bottom] if self.shared_widths else []
         return units + (list(self.towers.values()) if self.towers is not None else [])
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         h = self.bottom(self.flatten(x) if x.ndim > 2 else x)
         if self.towers is None:
             return dict.fromkeys(self.task_names, h)

@@ -23,13 +23,11 @@ from torch import Tensor
 from mtl_lightning.encoders._common import (
     check_count,
     check_mlp_args,
-    check_task_names,
     check_widths,
     flat_features,
-    rebind,
-    unbound,
 )
 from mtl_lightning.encoders.mlp import ACTIVATIONS, NORMS
+from mtl_lightning.encoders.per_task import PerTaskEncoder
 from mtl_lightning.errors import ConfigError
 
 CONDITIONINGS = ("concat", "film")
@@ -46,7 +44,7 @@ class TaskEmbedding(nn.Module):
         return self.weight
 
 
-class TaskConditioned(nn.Module):
+class TaskConditioned(PerTaskEncoder):
     """A shared MLP conditioned on a learned embedding of each task; returns ``{task: representation}``.
 
     The tasks run as one batch of ``T x N`` rows (one matmul per layer, not ``T``), so the cost grows with the number
@@ -80,6 +78,7 @@ class TaskConditioned(nn.Module):
         if conditioning not in CONDITIONINGS:
             raise ConfigError(f"{name}: conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
         self.hidden = check_widths(name, "hidden", hidden, "[256, 128]")
+        self.task_features = self.hidden[-1]
         self.embedding_dim = check_count(name, "embedding_dim", embedding_dim, 1, "e.g. embedding_dim: 16")
         self.conditioning = conditioning
         self.in_features = flat_features(name, input_shape)
@@ -102,16 +101,10 @@ class TaskConditioned(nn.Module):
                 nn.init.zeros_(layer.bias)
             self.film = nn.ModuleList(film)
         self.embeddings = nn.ModuleDict()
-        self.task_names: list[str] = []
 
-    def bind_tasks(self, names: list[str]) -> None:
+    def bind_parts(self, names: list[str]) -> None:
         """One embedding per task; kept tasks keep theirs."""
-        self.task_names = check_task_names(type(self).__name__, names)
-        self.embeddings = rebind(self, self.embeddings, names, lambda _: TaskEmbedding(self.embedding_dim))
-
-    @property
-    def out_features(self) -> dict[str, int]:
-        return dict.fromkeys(self.task_names, self.hidden[-1])
+        self.embeddings = self.per_task(self.embeddings, lambda _: TaskEmbedding(self.embedding_dim))
 
     def _norm(self, index: int, h: Tensor) -> Tensor:
         norm = self.norms[index]
@@ -119,9 +112,7 @@ class TaskConditioned(nn.Module):
             return norm(h.reshape(-1, h.shape[-1])).view_as(h)
         return norm(h)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if not self.task_names:
-            raise unbound(type(self).__name__)
+    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         x = x.flatten(1)
         emb = torch.cat([e() for e in self.embeddings.values()]).to(x.dtype)  # (T, d)
         h = self.linears[0](x)[None]  # (1, N, D): the input layer runs once for all tasks
