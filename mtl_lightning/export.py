@@ -5,9 +5,10 @@
 
 The exported program takes one input, ``inputs`` (a batch of any size), and returns one output per task, in the
 model's task order and named after the task: the ONNX graph's outputs are named ``<task>``; the ``.pt2`` program
-returns ``{task: tensor}``. ``--outputs predictions`` (the default) gives what ``mtl predict`` gives: probabilities
-for classification tasks (sigmoid for binary/multilabel, softmax over classes for multiclass) and values for
-regression, so a serving stack needs nothing of this package; ``--outputs logits`` gives the raw head outputs (to
+returns ``{task: tensor}``. ``--outputs predictions`` (the default) gives what ``mtl predict`` gives, each task's
+kind turning its raw output into predictions: probabilities for classification tasks (sigmoid for binary/multilabel,
+softmax over classes for multiclass), values for regression and expected counts for count tasks, so a serving
+stack needs nothing of this package; ``--outputs logits`` gives the raw head outputs (to
 fuse your own calibration or thresholds). Shapes: ``(N,)`` for binary and single-output regression, ``(N, K)``
 otherwise. The task specs and the output kind are stored in the file: ONNX metadata ``mtl_tasks`` /
 ``mtl_outputs``; for ``.pt2``, ``torch.export.load(path, extra_files={"mtl_tasks.json": ""})``.

@@ -1,8 +1,12 @@
-"""Task heads: a linear layer or a small MLP per task, or a custom class named in the spec."""
+"""Task heads: a linear layer or a small MLP per task, or a custom class named in the spec, kept in
+:class:`TaskHeads`, an ``nn.ModuleDict`` keyed by task name (state-dict keys ``heads.<task>.…``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 import torch.nn as nn
+from torch import Tensor
 
 from mtl_lightning._imports import import_from_path
 from mtl_lightning.tasks import TaskSpec
@@ -23,7 +27,7 @@ class MLPHead(nn.Module):
         layers.append(nn.Linear(width, out_features))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
@@ -34,3 +38,27 @@ def build_head(spec: TaskSpec, in_features: int) -> nn.Module:
         return MLPHead(in_features, out_features, spec.head_hidden, spec.head_dropout)
     cls = import_from_path(spec.head, f"task {spec.name!r}: head")
     return cls(in_features, out_features, **spec.head_args)
+
+
+def sync_parts(parts: nn.ModuleDict, names: Sequence[str], build: Callable[[str], nn.Module]) -> None:
+    """Make ``parts`` hold one module per name, in that order: build the missing, drop the others, keep the rest."""
+    kept = {name: parts[name] if name in parts else build(name) for name in names}
+    parts.clear()
+    parts.update(kept)
+
+
+class TaskHeads(nn.ModuleDict):
+    """One head per task, in task order. :meth:`outputs` runs them and gives each kind's canonical shape."""
+
+    def sync(self, specs: Mapping[str, TaskSpec], widths: Mapping[str, int]) -> None:
+        """Heads for the tasks of ``specs``: new tasks get a fresh head, removed ones lose theirs, others are kept."""
+        sync_parts(self, list(specs), lambda name: build_head(specs[name], widths[name]))
+
+    def outputs(
+        self, specs: Mapping[str, TaskSpec], reps: Mapping[str, Tensor], names: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Raw outputs of the heads of ``names`` (default: every task), each in its kind's canonical shape."""
+        return {
+            name: specs[name].task_kind.output(specs[name], self[name](reps[name]))
+            for name in (specs if names is None else names)
+        }

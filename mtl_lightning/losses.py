@@ -8,6 +8,7 @@ parameter.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "l1": nn.L1Loss,
     "huber": nn.HuberLoss,
     "smooth_l1": nn.SmoothL1Loss,
+    "poisson": nn.PoissonNLLLoss,  # on a log-rate (log_input=True): the count kind's loss
 }
 
 
@@ -54,7 +56,7 @@ def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tens
     """
     mask = label_mask(spec, target)
     filled = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
-    if not spec.integer_targets:
+    if not spec.task_kind.integer_targets:
         filled = filled.to(output.dtype)
     # Unlabelled outputs are zeroed too: an inf/NaN there (e.g. an fp16 overflow) would otherwise give a NaN
     # gradient (the loss's local derivative times the masked zero). where() keeps the head in the graph.
@@ -70,3 +72,36 @@ def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tens
     # where() rather than a product: 0 * inf would be NaN for a filled-in entry.
     total = torch.where(mask, per_entry, torch.zeros((), dtype=per_entry.dtype, device=per_entry.device)).sum()
     return total, mask.sum()
+
+
+def task_losses(
+    losses: Mapping[str, nn.Module],
+    specs: Mapping[str, TaskSpec],
+    outputs: Mapping[str, Tensor],
+    targets: Mapping[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Per-task (sum over labelled entries, labelled count), each ``(T,)`` in task order.
+
+    A task absent from ``targets`` gives a zero that still touches its head, so DDP sees every parameter used.
+    """
+    sums, counts = [], []
+    for name, spec in specs.items():
+        out = outputs[name]
+        if name in targets:
+            s, c = masked_loss(losses[name], spec, out, spec.task_kind.canonical_target(spec, targets[name]))
+        else:
+            s, c = out.sum() * 0.0, torch.zeros((), dtype=torch.long, device=out.device)
+        sums.append(s)
+        counts.append(c)
+    return torch.stack(sums).float(), torch.stack(counts)
+
+
+def raise_nonfinite(names: list[str], means: Tensor, step: int) -> None:
+    """Stop training with an error that names the tasks whose loss is NaN or inf."""
+    finite = torch.isfinite(means)
+    bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+    raise FloatingPointError(
+        f"the loss of task(s) {bad} became {means[~finite].tolist()} at step {step}; training stopped before the "
+        "weights were updated. Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val), or "
+        "check those tasks' targets for inf/huge values"
+    )

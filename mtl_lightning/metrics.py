@@ -1,40 +1,40 @@
-"""Per-task torchmetrics: defaults per task kind, short names, and masking of missing labels.
+"""Per-task torchmetrics: defaults and short names from the task's kind, and masking of missing labels.
 
-Classification metrics are built with ``ignore_index=-100`` and receive missing labels as -100, so they need no
-boolean indexing (no host sync). Regression metrics cannot ignore entries, so only fully labelled rows reach them.
+Each kind says which short metric names it takes (:attr:`~mtl_lightning.kinds.TaskKind.metric_table`), the keyword
+arguments they need (``num_classes``, ``ignore_index``), and how its outputs and targets reach them
+(:meth:`~mtl_lightning.kinds.TaskKind.metric_inputs`): classification metrics ignore -100 labels, so they need no
+boolean indexing (no host sync); value metrics cannot ignore entries, so only fully labelled rows reach them.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
-import torch
-import torchmetrics
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from mtl_lightning._imports import import_from_path
 from mtl_lightning.errors import ConfigError
-from mtl_lightning.targets import label_mask
-from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
+from mtl_lightning.kinds import BUILTIN, get_kind
+from mtl_lightning.kinds.classification import CLASSIFICATION_METRICS
+from mtl_lightning.kinds.count import COUNT_METRICS
+from mtl_lightning.kinds.regression import REGRESSION_METRICS
+from mtl_lightning.tasks import TaskSpec
 
-# name -> (torchmetrics task-wrapper class, default kwargs for multiclass/multilabel)
-CLASSIFICATION_METRICS: dict[str, tuple[type[Metric], dict[str, Any]]] = {
-    "accuracy": (torchmetrics.Accuracy, {"average": "micro"}),
-    "f1": (torchmetrics.F1Score, {"average": "macro"}),
-    "precision": (torchmetrics.Precision, {"average": "macro"}),
-    "recall": (torchmetrics.Recall, {"average": "macro"}),
-    "auroc": (torchmetrics.AUROC, {}),
-    "average_precision": (torchmetrics.AveragePrecision, {}),
-}
-REGRESSION_METRICS: dict[str, tuple[type[Metric], dict[str, Any]]] = {
-    "mae": (torchmetrics.MeanAbsoluteError, {}),
-    "mse": (torchmetrics.MeanSquaredError, {}),
-    "rmse": (torchmetrics.MeanSquaredError, {"squared": False}),
-    "r2": (torchmetrics.R2Score, {}),
-}
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "HIGHER_IS_BETTER",
+    "REGRESSION_METRICS",
+    "build_metrics",
+    "metric_inputs",
+    "metric_key",
+    "metric_update",
+    "predictions",
+]
+
 HIGHER_IS_BETTER = {"accuracy", "f1", "precision", "recall", "auroc", "average_precision", "r2"}
+"""Short metric names where a higher value is better (the others: lower is better)."""
+_KNOWN = {**CLASSIFICATION_METRICS, **REGRESSION_METRICS, **COUNT_METRICS}
 
 
 def metric_key(name: str) -> str:
@@ -43,32 +43,21 @@ def metric_key(name: str) -> str:
 
 
 def _build_metric(spec: TaskSpec, name: str) -> Metric:
+    kind = spec.task_kind
     user_args = dict(spec.metric_args.get(name, {}))
-    table = CLASSIFICATION_METRICS if spec.is_classification else REGRESSION_METRICS
-    if name in table:
-        cls, defaults = table[name]
-        kwargs: dict[str, Any] = {**defaults, **user_args}
-        if spec.is_classification:
-            kwargs.update(task=spec.kind, ignore_index=IGNORE_INDEX, validate_args=False)
-            if spec.kind == "binary":
-                kwargs.pop("average", None)
-            elif spec.kind == "multiclass":
-                kwargs["num_classes"] = spec.num_outputs
-            else:
-                kwargs["num_labels"] = spec.num_outputs
-        return cls(**kwargs)
-    other = CLASSIFICATION_METRICS if table is REGRESSION_METRICS else REGRESSION_METRICS
-    if name in other:
+    if name in kind.metric_table:
+        cls, defaults = kind.metric_table[name]
+        return cls(**kind.metric_kwargs(spec, {**defaults, **user_args}))
+    if name in _KNOWN:
         raise ConfigError(
-            f"task {spec.name!r}: metric {name!r} does not apply to a {spec.kind} task; use one of {sorted(table)}"
+            f"task {spec.name!r}: metric {name!r} does not apply to a {spec.kind} task; use one of "
+            f"{sorted(kind.metric_table)}"
         )
     cls = import_from_path(name, f"task {spec.name!r}: metric")
     if not (isinstance(cls, type) and issubclass(cls, Metric)):
         raise ConfigError(f"task {spec.name!r}: metric {name!r} is not a torchmetrics.Metric class")
-    if spec.is_classification and "ignore_index" in inspect.signature(cls).parameters:
-        # Missing labels reach classification metrics as -100; without this they fail their value checks.
-        user_args.setdefault("ignore_index", IGNORE_INDEX)
-    return cls(**user_args)
+    defaults = kind.custom_metric_kwargs(spec, inspect.signature(cls).parameters)
+    return cls(**{**defaults, **user_args})
 
 
 def build_metrics(spec: TaskSpec, stage: str) -> MetricCollection:
@@ -78,33 +67,20 @@ def build_metrics(spec: TaskSpec, stage: str) -> MetricCollection:
 
 
 def predictions(spec: TaskSpec, output: Tensor) -> Tensor:
-    """Turn a head's raw output into predictions: probabilities for classification, values for regression."""
-    if spec.kind == "multiclass":
-        return output.softmax(dim=-1)
-    if spec.kind in ("binary", "multilabel"):
-        return output.sigmoid()
-    return output
+    """A head's raw output as predictions: probabilities for classification, values for regression, ..."""
+    return spec.task_kind.predictions(spec, output)
 
 
 def metric_inputs(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(preds, target) for the task's metrics with missing labels masked as the metrics expect."""
-    preds = predictions(spec, output.detach())
-    if spec.is_classification:
-        mask = label_mask(spec, target)
-        ignore = torch.full((), IGNORE_INDEX, dtype=torch.long, device=target.device)
-        return preds, torch.where(mask, target, ignore).long()
-    mask = label_mask(spec, target)
-    rows = mask if mask.ndim == 1 else mask.all(dim=1)
-    return preds[rows], target[rows]
+    return spec.task_kind.metric_inputs(spec, output, target)
 
 
 def metric_update(collection: MetricCollection, spec: TaskSpec, preds: Tensor, target: Tensor) -> None:
-    """Update a task's metrics; regression metrics other than R2 see flattened multi-output values."""
-    if spec.kind == "regression" and preds.ndim == 2:
-        for metric in collection.values(copy_state=False):
-            if isinstance(metric, torchmetrics.R2Score):
-                metric.update(preds, target)
-            else:
-                metric.update(preds.reshape(-1), target.reshape(-1))
-        return
-    collection.update(preds, target)
+    """Update a task's metrics the way its kind says (e.g. R2 per output, the others on flattened values)."""
+    spec.task_kind.metric_update(collection, spec, preds, target)
+
+
+def known_metric_names() -> dict[str, list[str]]:
+    """The short metric names of each built-in kind (for docs and did-you-mean messages)."""
+    return {name: sorted(get_kind(name).metric_table) for name in BUILTIN}

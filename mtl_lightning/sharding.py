@@ -12,22 +12,23 @@ forward), so there each head is its own unit.
 
 from __future__ import annotations
 
-import weakref
 from datetime import timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch.nn as nn
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from mtl_lightning.compat import set_model_parallel_sizes
 from mtl_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-# Modules named by some encoder's fsdp_units(); the FSDP1 policy below only sees one module at a time.
-_UNITS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# The FSDP1 policy below sees one module at a time, with no reference to the model: the units carry a mark, set on
+# the module itself when the model is built (no registry that outlives the model).
+_UNIT_MARK = "_mtl_fsdp_unit"
 
 
 def encoder_units(encoder: nn.Module) -> list[nn.Module]:
@@ -37,8 +38,9 @@ def encoder_units(encoder: nn.Module) -> list[nn.Module]:
 
 
 def register_units(encoder: nn.Module) -> None:
-    """Remember the encoder's units for :func:`encoder_units_policy` (called when the model is built)."""
-    _UNITS.update(encoder_units(encoder))
+    """Mark the encoder's units for :func:`encoder_units_policy` (called when the model is built)."""
+    for unit in encoder_units(encoder):
+        object.__setattr__(unit, _UNIT_MARK, True)  # a plain attribute: not a parameter, buffer or submodule
 
 
 def encoder_units_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -46,7 +48,7 @@ def encoder_units_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int
 
     The signature is FSDP's callable policy: with ``recurse=True`` it asks whether to look inside ``module``.
     """
-    return True if recurse else module in _UNITS
+    return True if recurse else bool(getattr(module, _UNIT_MARK, False))
 
 
 def fully_shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> None:
@@ -97,6 +99,42 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
     def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
+        set_model_parallel_sizes(self, data_parallel=self.num_nodes * self.num_processes, tensor_parallel=1)
         super().setup_environment()
+
+
+def is_sharded(trainer: Any, mesh: DeviceMesh | None) -> bool:
+    """Whether the model runs sharded: FSDP2 (a device mesh) or Lightning's FSDP1 strategy."""
+    return mesh is not None or isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+
+
+def shard(model: nn.Module, mesh: DeviceMesh | None) -> None:
+    """FSDP2 on the model when the strategy gave it a device mesh (FSDP1 wraps by its own policy: nothing here)."""
+    if mesh is None:
+        return
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ConfigError(
+            "MultiTaskModule shards with FSDP2 only (data parallel); set the ModelParallelStrategy's "
+            "tensor_parallel_size: 1 (configs/trainer/fsdp2.yaml)"
+        )
+    fully_shard_model(model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+
+
+def clip_fsdp1(trainer: Any, gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> bool:
+    """Clip by norm under Lightning's FSDP1 strategy, where its precision plugin refuses to; True if done.
+
+    The norm must be taken over every rank's shard, which FSDP1's root module does in ``clip_grad_norm_`` (as
+    Lightning's FSDP docs advise). FSDP2 (DTensor gradients) and every other strategy use Lightning's own clipping.
+    """
+    model = getattr(trainer, "model", None)
+    if (
+        gradient_clip_val
+        and gradient_clip_algorithm in (None, "norm")
+        and isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+        and model is not None
+        and hasattr(model, "clip_grad_norm_")
+    ):
+        model.clip_grad_norm_(gradient_clip_val)
+        return True
+    return False

@@ -16,24 +16,15 @@ from typing import Any
 import torch.nn as nn
 
 from mtl_lightning.errors import ConfigError
+from mtl_lightning.kinds import BUILTIN, KindError, TaskKind, get_kind
+from mtl_lightning.kinds import IGNORE_INDEX as IGNORE_INDEX  # re-exported: the missing-label marker of specs
 
-KINDS = ("binary", "multiclass", "multilabel", "regression")
-"""The task kinds this template knows; each gives defaults for head, loss and metrics."""
-
-IGNORE_INDEX = -100
-"""Missing-label marker in integer targets (torch's ``ignore_index``); float targets use NaN."""
+KINDS = tuple(BUILTIN)
+"""The short names of the task kinds that ship (:mod:`mtl_lightning.kinds`); a dotted class path names another."""
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Names a ModuleDict entry may not take: anything an nn.Module/ModuleDict already has as an attribute.
 _RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
-
-DEFAULT_LOSS = {"binary": "bce", "multiclass": "ce", "multilabel": "bce", "regression": "mse"}
-DEFAULT_METRICS = {
-    "binary": ["accuracy", "f1", "auroc"],
-    "multiclass": ["accuracy", "f1"],
-    "multilabel": ["accuracy", "f1"],
-    "regression": ["mae", "mse", "r2"],
-}
 
 
 class TaskSpecError(ConfigError):
@@ -46,15 +37,16 @@ class TaskSpec:
 
     Args:
         name: Key of the task in batches, heads, metrics and logs (letters, digits, ``_`` and ``-``).
-        kind: ``binary``, ``multiclass``, ``multilabel`` or ``regression``.
-        num_outputs: Classes for multiclass, labels for multilabel, target dimensions for regression
+        kind: ``binary``, ``multiclass``, ``multilabel``, ``regression``, ``count``, or the dotted path of a
+            :class:`~mtl_lightning.kinds.TaskKind` subclass.
+        num_outputs: Classes for multiclass, labels for multilabel, target dimensions for regression and count
             (default 1); binary tasks always have one output.
         weight: Static loss weight, used by the static balancer and for the validation loss.
-        loss: Short name (``bce``, ``ce``, ``mse``, ``l1``, ``huber``, ``smooth_l1``) or the dotted path of an
+        loss: Short name (``bce``, ``ce``, ``mse``, ``l1``, ``huber``, ``smooth_l1``, ``poisson``) or the dotted path of an
             ``nn.Module`` loss that accepts ``reduction="none"``; ``None`` picks the kind's default.
         loss_args: Keyword arguments for the loss (lists become tensors, e.g. ``pos_weight``).
         metrics: Short names (``accuracy``, ``f1``, ``auroc``, ``precision``, ``recall``,
-            ``average_precision``, ``mae``, ``mse``, ``rmse``, ``r2``) or dotted paths of torchmetrics
+            ``average_precision``, ``mae``, ``mse``, ``rmse``, ``r2``, ``poisson_deviance``) or dotted paths of torchmetrics
             classes; ``None`` picks the kind's defaults, ``[]`` turns metrics off.
         metric_args: Extra keyword arguments per metric name.
         head_hidden: Hidden widths of the default MLP head; empty gives a linear head.
@@ -87,9 +79,12 @@ class TaskSpec:
                 f"task name {self.name!r} clashes with an attribute of torch.nn.Module; rename the task "
                 f"(e.g. {self.name + '_task'!r})"
             )
-        if self.kind not in KINDS:
-            raise TaskSpecError(f"task {self.name!r}: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
-        self.num_outputs = self._checked_num_outputs()
+        try:
+            kind = get_kind(self.kind)
+            self.num_outputs = kind.checked_num_outputs(self)
+        except KindError as err:
+            message = str(err)
+            raise TaskSpecError(message if message.startswith("task ") else f"task {self.name!r}: {message}") from err
         if not self.weight >= 0:
             raise TaskSpecError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -103,44 +98,27 @@ class TaskSpec:
                 f"{sorted(unknown)}; metrics are {self.metric_names}"
             )
 
-    def _checked_num_outputs(self) -> int:
-        n = self.num_outputs
-        if self.kind == "binary":
-            if n not in (None, 1):
-                raise TaskSpecError(
-                    f"task {self.name!r}: a binary task has exactly one output, got num_outputs={n}; "
-                    "use kind 'multiclass' or 'multilabel' for more"
-                )
-            return 1
-        if self.kind == "regression":
-            n = 1 if n is None else n
-            if n < 1:
-                raise TaskSpecError(f"task {self.name!r}: regression needs num_outputs >= 1, got {n}")
-            return int(n)
-        what = "classes" if self.kind == "multiclass" else "labels"
-        if n is None or n < 2:
-            raise TaskSpecError(
-                f"task {self.name!r}: a {self.kind} task needs num_outputs (the number of {what}) >= 2, "
-                f"got {n}; use kind 'binary' for a single yes/no target"
-            )
-        return int(n)
+    @property
+    def task_kind(self) -> TaskKind:
+        """The kind object (:mod:`mtl_lightning.kinds`) that knows this task's targets, outputs and defaults."""
+        return get_kind(self.kind)
 
     @property
     def is_classification(self) -> bool:
-        return self.kind != "regression"
+        return self.task_kind.is_classification
 
     @property
     def integer_targets(self) -> bool:
         """Whether targets are class indices (int64, missing = -100) rather than floats (missing = NaN)."""
-        return self.kind == "multiclass"
+        return self.task_kind.integer_targets
 
     @property
     def loss_name(self) -> str:
-        return self.loss or DEFAULT_LOSS[self.kind]
+        return self.loss or self.task_kind.default_loss
 
     @property
     def metric_names(self) -> list[str]:
-        return list(DEFAULT_METRICS[self.kind] if self.metrics is None else self.metrics)
+        return list(self.task_kind.default_metrics if self.metrics is None else self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, safe to store in checkpoints and configs."""

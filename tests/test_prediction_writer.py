@@ -58,7 +58,8 @@ def test_columns_of_every_task_kind() -> None:
     p = np.array([0.2, 0.5, 0.9], dtype=np.float32)
     cols = pw.task_columns(TaskSpec("buy", "binary"), p, 0.5)
     assert list(cols) == ["buy_prob", "buy_pred"]
-    np.testing.assert_array_equal(cols["buy_pred"], [0, 1, 1])
+    # p = 0.5 is negative: torchmetrics' rule (p > threshold), so written predictions agree with the logged accuracy.
+    np.testing.assert_array_equal(cols["buy_pred"], [0, 0, 1])
     np.testing.assert_array_equal(pw.task_columns(TaskSpec("buy", "binary"), p, 0.95)["buy_pred"], [0, 0, 0])
 
     multi = np.array([[0.1, 0.7], [0.6, 0.4]], dtype=np.float32)
@@ -70,6 +71,20 @@ def test_columns_of_every_task_kind() -> None:
     assert list(pw.task_columns(TaskSpec("pos", "regression", num_outputs=2), values, 0.5)) == ["pos_0", "pos_1"]
     one = pw.task_columns(TaskSpec("y", "regression"), values[:, 0], 0.5)
     np.testing.assert_array_equal(one["y"], values[:, 0])
+
+
+def test_written_predictions_and_logged_accuracy_share_one_threshold_rule() -> None:
+    from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update
+
+    spec = TaskSpec("buy", "binary")
+    logits = torch.tensor([-1.0, 0.0, 2.0])  # p = 0.27, 0.5 exactly, 0.88
+    labels = torch.tensor([0.0, 0.0, 1.0])
+    collection = build_metrics(spec, "val")
+    metric_update(collection, spec, *metric_inputs(spec, logits, labels))
+    written = pw.task_columns(spec, logits.sigmoid().numpy(), 0.5)["buy_pred"]
+    assert float(collection.compute()["val/buy/accuracy"]) == float((written == labels.numpy()).mean()) == 1.0
+    multi = pw.task_columns(TaskSpec("tags", "multilabel", num_outputs=2), np.array([[0.5, 0.51]]), 0.5)
+    assert (multi["tags_pred_0"][0], multi["tags_pred_1"][0]) == (0, 1)
 
 
 def test_format_comes_from_the_suffix_or_the_argument() -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
 
@@ -74,6 +75,23 @@ class Balancer(nn.Module, ABC):
         """
         self.task_names = [t.name for t in tasks]
 
+    def check(self, context: BalancerContext) -> None:
+        """Refuse, with a ConfigError that says what to use instead, a run this method cannot do.
+
+        Called by the module when the model is configured for a run (after any sharding is known). The default
+        refuses sharded models for methods that set ``supports_sharding = False``.
+        """
+        if context.sharded and not self.supports_sharding:
+            raise ConfigError(f"{type(self).__name__} cannot run on a sharded model: {self.sharding_hint}")
+
+    def fixed_weights(self, tasks: Sequence[TaskSpec]) -> Tensor:
+        """The weights of the evaluation loss (``val/loss``, ``test/loss``): the fixed weights this method trains
+        with, so that a checkpoint monitor scores the weighting the model was trained on.
+
+        The default, for methods whose weights change while training, is the specs' ``weight`` (1 = equal).
+        """
+        return torch.tensor([float(t.weight) for t in tasks])
+
     def on_train_batch_end(self, losses: Tensor) -> None:
         """Called after the optimizer step with the step's per-task losses (for methods that learn from them)."""
 
@@ -83,6 +101,14 @@ class Balancer(nn.Module, ABC):
     @abstractmethod
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         """Combine the per-task losses of one step into one scalar."""
+
+
+@dataclass(frozen=True)
+class BalancerContext:
+    """What a balancer may need to know about the run to accept or refuse it (see :meth:`Balancer.check`)."""
+
+    sharded: bool = False
+    """The model's parameters are sharded (FSDP/FSDP2): the forward reads gathered copies."""
 
 
 def weighted_mean(losses: Tensor, weights: Tensor, present: Tensor) -> BalanceOutput:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,12 +22,17 @@ class EqualWeighting(Balancer):
         super().bind(tasks, encoder)
         self.register_buffer("weights", torch.ones(len(tasks)), persistent=False)
 
+    def fixed_weights(self, tasks: Sequence[TaskSpec]) -> Tensor:
+        return torch.ones(len(tasks))
+
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         return weighted_mean(inputs.losses, self.weights, inputs.present)
 
 
 class StaticWeighting(Balancer):
     """A weighted mean with fixed weights: each task's ``weight`` from its spec, or ``weights`` given here.
+
+    The evaluation loss (``val/loss``) uses the same weights, overrides included (:meth:`fixed_weights`).
 
     Args:
         weights: Optional ``{task: weight}`` overriding the specs' weights for the tasks it names.
@@ -46,10 +51,13 @@ class StaticWeighting(Balancer):
             raise ConfigError(
                 f"StaticWeighting: weights given for unknown tasks {unknown}; tasks are {self.task_names}"
             )
-        values = [float(self.overrides.get(t.name, t.weight)) for t in tasks]
-        if any(v < 0 for v in values) or not any(v > 0 for v in values):
-            raise ConfigError(f"StaticWeighting: weights must be >= 0 with at least one > 0, got {values}")
-        self.register_buffer("weights", torch.tensor(values), persistent=False)
+        values = self.fixed_weights(tasks)
+        if (values < 0).any() or not (values > 0).any():
+            raise ConfigError(f"StaticWeighting: weights must be >= 0 with at least one > 0, got {values.tolist()}")
+        self.register_buffer("weights", values, persistent=False)
+
+    def fixed_weights(self, tasks: Sequence[TaskSpec]) -> Tensor:
+        return torch.tensor([float(self.overrides.get(t.name, t.weight)) for t in tasks])
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         return weighted_mean(inputs.losses, self.weights, inputs.present)

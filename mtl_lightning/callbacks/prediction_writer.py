@@ -1,10 +1,11 @@
 """Write the per-task predictions of ``mtl predict`` to one CSV or Parquet file, one row per predicted sample.
 
 Columns: the row's key (``id``: its position in the predict dataset; see :func:`batch_keys`), then per task, in task
-order: ``binary`` -> ``{task}_prob`` and ``{task}_pred`` (0/1 at ``threshold``); ``multiclass`` ->
-``{task}_prob_{k}`` per class and ``{task}_pred`` (the argmax); ``multilabel`` -> ``{task}_prob_{i}`` and
-``{task}_pred_{i}`` per label; ``regression`` -> ``{task}`` (one output) or ``{task}_{i}``. Where the data module
-knows the class names of a task (``TabularDataModule.class_names``), ``{task}_label`` holds the predicted name.
+order, the columns its kind writes (:meth:`~mtl_lightning.kinds.TaskKind.columns`): ``binary`` -> ``{task}_prob`` and
+``{task}_pred`` (1 above ``threshold``, as torchmetrics decides); ``multiclass`` -> ``{task}_prob_{k}`` per class and
+``{task}_pred`` (the argmax); ``multilabel`` -> ``{task}_prob_{i}`` and ``{task}_pred_{i}`` per label;
+``regression`` and ``count`` -> ``{task}`` (one output) or ``{task}_{i}``. Where the data module knows the class
+names of a task (``TabularDataModule.class_names``), ``{task}_label`` holds the predicted name.
 
 Under DDP every rank writes its own rows to a part file next to the output; after a barrier rank 0 merges the
 parts, drops rows predicted twice (a distributed sampler may repeat samples to even out the ranks), sorts by the
@@ -88,21 +89,8 @@ def check_writable(
 
 
 def task_columns(spec: TaskSpec, values: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """The output columns of one task from its predictions (probabilities, or values for regression)."""
-    name = spec.name
-    if spec.kind == "binary":
-        prob = values.reshape(-1)
-        return {f"{name}_prob": prob, f"{name}_pred": (prob >= threshold).astype(np.int64)}
-    if spec.kind == "multiclass":
-        cols = {f"{name}_prob_{k}": values[:, k] for k in range(values.shape[1])}
-        return {**cols, f"{name}_pred": values.argmax(axis=1).astype(np.int64)}
-    if spec.kind == "multilabel":
-        probs = {f"{name}_prob_{i}": values[:, i] for i in range(values.shape[1])}
-        preds = {f"{name}_pred_{i}": (values[:, i] >= threshold).astype(np.int64) for i in range(values.shape[1])}
-        return {**probs, **preds}
-    if values.ndim == 1:
-        return {name: values}
-    return {f"{name}_{i}": values[:, i] for i in range(values.shape[1])}
+    """The output columns of one task from its predictions, as its kind writes them."""
+    return spec.task_kind.columns(spec, values, threshold)
 
 
 def _predict_loader(trainer: Trainer, dataloader_idx: int) -> Any:
@@ -170,7 +158,8 @@ class PredictionWriter(BasePredictionWriter):
         format: ``csv`` or ``parquet``; ``None`` takes it from the suffix (``.csv``, ``.parquet``, ``.pq``).
             Parquet needs pyarrow (``pip install "mtl_lightning[parquet]"``).
         overwrite: Replace an existing file (otherwise an existing file is an error, raised before predicting).
-        threshold: Probability at or above which a binary or multilabel prediction is 1.
+        threshold: Probability above which a binary or multilabel prediction is 1 (torchmetrics' rule: p = 0.5
+            is 0 at the default threshold, as in the logged accuracy and F1).
     """
 
     def __init__(
@@ -243,8 +232,9 @@ class PredictionWriter(BasePredictionWriter):
                 )
             new = task_columns(spec, values, self.threshold)
             names = class_names.get(name) if isinstance(class_names, Mapping) else None
-            if names and spec.kind in ("binary", "multiclass"):
-                new[f"{name}_label"] = np.asarray(list(names), dtype=object)[new[f"{name}_pred"]]
+            class_column = spec.task_kind.class_column(spec)
+            if names and class_column is not None:
+                new[f"{name}_label"] = np.asarray(list(names), dtype=object)[new[class_column]]
             clash = sorted(set(new) & set(columns))
             if clash:
                 raise PredictionWriterError(f"prediction columns {clash} of task {name!r} clash with other columns")

@@ -10,8 +10,9 @@ model is for inference). Why not ``torch.save`` of the whole module: that pickle
 ``weights_only=False`` to load and could not be used by ``mtl test/predict --ckpt_path``.
 
 Loading: :func:`load_compressed` (any checkpoint, compressed or not). ``MultiTaskModule.load_from_checkpoint`` and
-``mtl test|predict --ckpt_path`` load it too once ``MultiTaskModule.on_load_checkpoint`` calls
-:func:`restore_compression` first (Lightning calls that hook before it loads the state dict).
+``mtl test|predict --ckpt_path`` load it too: :func:`on_load` is the checkpoint hook of the ``"compression"`` key
+(:mod:`mtl_lightning.checkpoint_hooks`, through this package's entry point), which the module runs from
+``on_load_checkpoint``, before Lightning loads the state dict.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def refuse_resume(checkpoint: dict[str, Any]) -> None:
             "inference and drops the optimizer and loop state. Use it with mtl test, validate, predict or export; to "
             "train further, resume from the checkpoint it was compressed from"
         )
+
+
+def on_load(model: nn.Module, checkpoint: dict[str, Any], fitting: bool) -> None:
+    """The checkpoint hook of :data:`RECORD_KEY`: refuse to resume a fit from it, else rebuild the structure."""
+    if fitting:
+        refuse_resume(checkpoint)  # before Lightning's own KeyError about missing optimizer states
+    restore_compression(model, checkpoint)
 
 
 def save_compressed(

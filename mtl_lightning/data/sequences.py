@@ -39,20 +39,9 @@ def marker_counts(tokens: Tensor, markers: Tensor) -> Tensor:
     return torch.stack(counts, dim=1)
 
 
-def _label(spec: TaskSpec, counts: Tensor) -> Tensor:
-    """Label of one task from its sources' counts ``(N, k)`` (k outputs for multilabel and regression, else 1)."""
-    signal = counts.double()
-    if spec.kind == "regression":
-        values = signal if signal.shape[1] > 1 else signal[:, 0]
-        return ((values - values.mean(0)) / values.std(0).clamp_min(1e-12)).float()
-    if spec.kind == "binary":
-        return (signal[:, 0] > signal[:, 0].median()).float()
-    if spec.kind == "multiclass":
-        k = int(spec.num_outputs or 2)
-        edges = torch.quantile(signal[:, 0], torch.linspace(0, 1, k + 1, dtype=torch.float64)[1:-1])
-        return torch.bucketize(signal[:, 0], edges)
-    # multilabel: label j fires when its own marker count passes its median
-    return (signal > signal.median(dim=0).values).float()
+def _label(spec: TaskSpec, counts: Tensor, gen: Generator) -> Tensor:
+    """Label of one task from its sources' counts ``(N, k)``, made by the task's kind (k = 1 for one output)."""
+    return spec.task_kind.label_from_signal(spec, counts.double(), gen)
 
 
 class SequenceDataModule(MultiTaskDataModule):
@@ -113,7 +102,7 @@ class SequenceDataModule(MultiTaskDataModule):
 
     def _sources(self) -> list[int]:
         """Number of label sources (marker sets) per task."""
-        return [int(s.num_outputs or 1) if s.kind in ("multilabel", "regression") else 1 for s in self.tasks]
+        return [s.task_kind.signal_width(s) for s in self.tasks]
 
     def generate_tokens(self, gen: Generator) -> Tensor:
         """``(num_samples, seq_len)`` int64 token ids, padded with :data:`PAD_ID` when ``min_length`` is set."""
@@ -141,7 +130,7 @@ class SequenceDataModule(MultiTaskDataModule):
         counts = marker_counts(tokens, self.markers(gen))
         targets, start = {}, 0
         for spec, k in zip(self.tasks, self._sources(), strict=True):
-            target = _label(spec, counts[:, start : start + k])
+            target = _label(spec, counts[:, start : start + k], gen)
             start += k
             targets[spec.name] = _drop_labels(target, self.missing_rate, gen) if self.missing_rate else target
         return MultiTaskTensorDataset(tokens, targets)

@@ -42,20 +42,9 @@ def latent_signals(x: Tensor, directions: Tensor, num_sin: int, gen: Generator) 
 
 
 def _label(spec: TaskSpec, signal: Tensor, noise: float, gen: Generator) -> Tensor:
-    n, k = signal.shape[0], int(spec.num_outputs or 1)
-    noisy = signal + noise * torch.randn(n, generator=gen)
-    if spec.kind == "regression":
-        values = noisy[:, None] + noise * torch.randn(n, k, generator=gen) if k > 1 else noisy
-        return (values - values.mean(0)) / values.std(0)
-    if spec.kind == "binary":
-        return (noisy > noisy.median()).float()
-    if spec.kind == "multiclass":
-        edges = torch.quantile(noisy, torch.linspace(0, 1, k + 1)[1:-1])
-        return torch.bucketize(noisy, edges)
-    # multilabel: label j fires when a noisier copy of the signal passes its own quantile
-    copies = signal[:, None] + signal.std() * torch.randn(n, k, generator=gen)
-    thresholds = torch.quantile(copies, torch.linspace(0.2, 0.8, k), dim=0).diagonal()
-    return (copies > thresholds).float()
+    """The task's kind turns its noisy signal into a label (:meth:`~mtl_lightning.kinds.TaskKind.label_from_signal`)."""
+    noisy = signal + noise * torch.randn(signal.shape[0], generator=gen)
+    return spec.task_kind.label_from_signal(spec, noisy, gen, noise)
 
 
 def _drop_labels(target: Tensor, rate: float, gen: Generator) -> Tensor:

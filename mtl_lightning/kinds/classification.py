@@ -1,0 +1,64 @@
+"""What the classification kinds share: torchmetrics' task-wrapper metrics, missing labels as -100 for them, and
+probabilities as predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torchmetrics
+from torch import Tensor
+
+from mtl_lightning.kinds.base import IGNORE_INDEX, MetricTable, TaskKind
+
+if TYPE_CHECKING:
+    from mtl_lightning.tasks import TaskSpec
+
+CLASSIFICATION_METRICS: MetricTable = {
+    "accuracy": (torchmetrics.Accuracy, {"average": "micro"}),
+    "f1": (torchmetrics.F1Score, {"average": "macro"}),
+    "precision": (torchmetrics.Precision, {"average": "macro"}),
+    "recall": (torchmetrics.Recall, {"average": "macro"}),
+    "auroc": (torchmetrics.AUROC, {}),
+    "average_precision": (torchmetrics.AveragePrecision, {}),
+}
+
+
+class ClassificationKind(TaskKind):
+    """A kind scored by torchmetrics' classification metrics (``task=binary|multiclass|multilabel``).
+
+    The metrics are built with ``ignore_index=-100`` and receive missing labels as -100, so they need no boolean
+    indexing (no host sync).
+    """
+
+    is_classification: ClassVar[bool] = True
+    default_loss: ClassVar[str] = "bce"
+    metric_table: ClassVar[MetricTable] = CLASSIFICATION_METRICS
+    metric_task: ClassVar[str] = ""
+    """The ``task`` argument of torchmetrics' classification wrappers."""
+
+    def metric_kwargs(self, spec: TaskSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**kwargs, "task": self.metric_task, "ignore_index": IGNORE_INDEX, "validate_args": False}
+
+    def custom_metric_kwargs(self, spec: TaskSpec, accepted: Mapping[str, Any]) -> dict[str, Any]:
+        # Missing labels reach classification metrics as -100; without this they fail their value checks.
+        return {"ignore_index": IGNORE_INDEX} if "ignore_index" in accepted else {}
+
+    def metric_inputs(self, spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        preds = self.predictions(spec, output.detach())
+        ignore = torch.full((), IGNORE_INDEX, dtype=torch.long, device=target.device)
+        return preds, torch.where(self.label_mask(spec, target), target, ignore).long()
+
+    def metric_update(
+        self, collection: torchmetrics.MetricCollection, spec: TaskSpec, preds: Tensor, target: Tensor
+    ) -> None:
+        collection.update(preds, target)
+
+
+def above(probabilities: Any, threshold: float) -> Any:
+    """The one threshold rule of binary decisions, torchmetrics' own: a probability above ``threshold`` is 1.
+
+    Works on tensors and numpy arrays alike, so the logged accuracy and the written predictions agree at p = 0.5.
+    """
+    return probabilities > threshold
