@@ -4,6 +4,8 @@ return one tensor (hard sharing) or a ``{task: tensor}`` dict (one representatio
 :class:`PerTaskEncoder`. The optional hooks (``bind_tasks``, ``fsdp_units``, ``training_logs``,
 ``flops_per_sample``) are the protocols of :mod:`mtl_lightning.contracts`."""
 
+from typing import TYPE_CHECKING
+
 from mtl_lightning.encoders.cnn import SmallCNN
 from mtl_lightning.encoders.cross_stitch import CrossStitch, CrossStitchConv, CrossStitchUnit
 from mtl_lightning.encoders.mlp import MLPEncoder
@@ -34,3 +36,27 @@ __all__ = [
     "TransformerBlock",
     "TransformerEncoder",
 ]
+
+if TYPE_CHECKING:
+    # The hooks each built-in encoder claims, checked by mypy (tests/test_contracts.py checks them at run time).
+    from mtl_lightning import contracts as c
+
+    _PER_TASK = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE, PartialSharing, SharedBottom, TaskConditioned)
+    _encoders: tuple[type[c.Encoder], ...] = (MLPEncoder, SmallCNN, ResNetEncoder, TransformerEncoder, *_PER_TASK)
+    _bind_tasks: tuple[type[c.SupportsBindTasks], ...] = _PER_TASK
+    _fsdp_units: tuple[type[c.SupportsFSDPUnits], ...] = (
+        ResNetEncoder,
+        TransformerEncoder,
+        CGC,
+        MTAN,
+        PLE,
+        CrossStitch,
+        CrossStitchConv,
+        MMoE,
+        PartialSharing,
+        SharedBottom,
+    )
+    _training_logs: tuple[type[c.SupportsTrainingLogs], ...] = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE)
+    _flops: tuple[type[c.SupportsFlopsPerSample], ...] = (TransformerEncoder,)
+    _input_shape: tuple[type[c.HasInputShape], ...] = (SmallCNN,)
+    _vocab_size: tuple[type[c.HasVocabSize], ...] = (TransformerEncoder,)

@@ -23,12 +23,12 @@ class PerTaskEncoder(nn.Module, ABC):
       of tasks that stay;
     - compute ``{task: representation}`` for ``self.task_names`` in :meth:`forward_tasks`.
 
-    Example (a shared trunk and one linear tower per task)::
+    Example (a shared trunk and one linear tower per task; ``tests/test_contracts.py`` trains it)::
 
         class Towers(PerTaskEncoder):
             def __init__(self, input_shape: Sequence[int], width: int = 32):
                 super().__init__()
-                self.trunk = nn.Sequential(nn.Flatten(), nn.LazyLinear(width), nn.ReLU())
+                self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU())
                 self.towers = nn.ModuleDict()
                 self.task_features = width
 
