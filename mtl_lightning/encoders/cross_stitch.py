@@ -111,9 +111,7 @@ class _CrossStitchBase(PerTaskEncoder):
 
     def _setup_units(self, num_layers: int, alpha_same: float) -> None:
         if not 0.0 <= alpha_same <= 1.0:
-            raise ConfigError(
-                f"{type(self).__name__}: alpha_same must be in [0, 1] (0.9 in the paper), got {alpha_same}"
-            )
+            raise ConfigError(f"{self.owner}: alpha_same must be in [0, 1] (0.9 in the paper), got {alpha_same}")
         self.alpha_same = alpha_same
         self.blocks = nn.ModuleList(nn.ModuleDict() for _ in range(num_layers))
         self.stitches = nn.ModuleList(CrossStitchUnit(alpha_same) for _ in range(num_layers))
@@ -186,10 +184,9 @@ class CrossStitch(_CrossStitchBase):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_mlp_args(name, norm, activation, dropout)
-        self.hidden = check_widths(name, "hidden", hidden, "[128, 64]")
-        self.in_features = flat_features(name, input_shape)
+        check_mlp_args(self.owner, norm, activation, dropout)
+        self.hidden = check_widths(self.owner, "hidden", hidden, "[128, 64]")
+        self.in_features = flat_features(self.owner, input_shape)
         self._layer_args = (dropout, norm, activation)
         self.task_features = self.hidden[-1]
         self._setup_units(len(self.hidden), alpha_same)
@@ -241,11 +238,10 @@ class CrossStitchConv(_CrossStitchBase):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_conv_args(name, norm, activation, kernel_size)
-        self.channels = check_widths(name, "channels", channels, "[16, 32]")
-        self.in_channels = image_shape(name, input_shape, len(self.channels))[0]
-        self.pooled_size = check_pooled_size(name, pooled_size)
+        check_conv_args(self.owner, norm, activation, kernel_size)
+        self.channels = check_widths(self.owner, "channels", channels, "[16, 32]")
+        self.in_channels = image_shape(self.owner, input_shape, len(self.channels))[0]
+        self.pooled_size = check_pooled_size(self.owner, pooled_size)
         self._stage_args = (kernel_size, norm, activation)
         self.task_features = self.channels[-1] * self.pooled_size**2
         self._setup_units(len(self.channels), alpha_same)

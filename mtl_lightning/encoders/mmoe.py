@@ -55,11 +55,10 @@ class MMoE(PerTaskEncoder):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_mlp_args(name, norm, activation, dropout)
-        self.num_experts = check_count(name, "num_experts", num_experts, 1, "e.g. num_experts: 4")
-        widths = check_widths(name, "expert_hidden", expert_hidden, "[128, 64]")
-        self.in_features = flat_features(name, input_shape)
+        check_mlp_args(self.owner, norm, activation, dropout)
+        self.num_experts = check_count(self.owner, "num_experts", num_experts, 1, "e.g. num_experts: 4")
+        widths = check_widths(self.owner, "expert_hidden", expert_hidden, "[128, 64]")
+        self.in_features = flat_features(self.owner, input_shape)
         self.expert_features = self.task_features = widths[-1]
         self.experts = nn.ModuleList(
             mlp(self.in_features, widths, dropout, norm, activation) for _ in range(self.num_experts)

@@ -92,11 +92,10 @@ class MTAN(PerTaskEncoder):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_conv_args(name, norm, activation, kernel_size)
-        self.channels = check_widths(name, "channels", channels, "[16, 32]")
-        c_in = image_shape(name, input_shape, len(self.channels))[0]
-        self.pooled_size = check_pooled_size(name, pooled_size)
+        check_conv_args(self.owner, norm, activation, kernel_size)
+        self.channels = check_widths(self.owner, "channels", channels, "[16, 32]")
+        c_in = image_shape(self.owner, input_shape, len(self.channels))[0]
+        self.pooled_size = check_pooled_size(self.owner, pooled_size)
         self.task_features = self.channels[-1] * self.pooled_size**2
         self.norm, self.activation = norm, activation
         ins = [c_in, *self.channels[:-1]]

@@ -48,9 +48,14 @@ class PerTaskEncoder(nn.Module, ABC):
         super().__init__()
         self.task_names: list[str] = []
 
+    @property
+    def owner(self) -> str:
+        """The name that error messages start with: the class's own (``CGC``, ``PartialSharing``), not the base's."""
+        return type(self).__name__
+
     def bind_tasks(self, names: Sequence[str]) -> None:
         """Learn the task names (checked, in the model's order) and keep the per-task parts in step with them."""
-        self.task_names = check_task_names(type(self).__name__, names)
+        self.task_names = check_task_names(self.owner, names)
         self.bind_parts(self.task_names)
 
     def bind_parts(self, names: list[str]) -> None:
@@ -71,13 +76,13 @@ class PerTaskEncoder(nn.Module, ABC):
     def out_features(self) -> dict[str, int]:
         """``{task: task_features}`` for the bound tasks; ``{}`` before :meth:`bind_tasks` has been called."""
         if self.task_names and self.task_features < 1:
-            raise TypeError(f"{type(self).__name__} must set self.task_features (its representation width) in __init__")
+            raise TypeError(f"{self.owner} must set self.task_features (its representation width) in __init__")
         return dict.fromkeys(self.task_names, self.task_features)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         # A clear error instead of an empty dict (or a KeyError in a head) when nothing has bound the tasks yet.
         if not self.task_names:
-            raise unbound(type(self).__name__)
+            raise unbound(self.owner)
         return self.forward_tasks(x)
 
     @abstractmethod

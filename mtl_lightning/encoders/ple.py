@@ -139,15 +139,14 @@ class PLE(PerTaskEncoder):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_mlp_args(name, norm, activation, dropout)
-        self.num_levels = check_count(name, "num_levels", num_levels, 1, "e.g. num_levels: 2 (1 is CGC)")
-        self.num_shared_experts = check_count(name, "num_shared_experts", num_shared_experts, 1, "e.g. 2")
+        check_mlp_args(self.owner, norm, activation, dropout)
+        self.num_levels = check_count(self.owner, "num_levels", num_levels, 1, "e.g. num_levels: 2 (1 is CGC)")
+        self.num_shared_experts = check_count(self.owner, "num_shared_experts", num_shared_experts, 1, "e.g. 2")
         self.num_task_experts = check_count(
-            name, "num_task_experts", num_task_experts, 1, "with no task experts use MMoE instead"
+            self.owner, "num_task_experts", num_task_experts, 1, "with no task experts use MMoE instead"
         )
-        widths = check_widths(name, "expert_hidden", expert_hidden, "[128, 64]")
-        self.in_features = flat_features(name, input_shape)
+        widths = check_widths(self.owner, "expert_hidden", expert_hidden, "[128, 64]")
+        self.in_features = flat_features(self.owner, input_shape)
         self.expert_features = self.task_features = widths[-1]
         mlp_args = {"dropout": dropout, "norm": norm, "activation": activation}
         self.levels = nn.ModuleList(

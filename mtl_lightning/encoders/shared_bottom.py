@@ -49,13 +49,14 @@ class SharedBottom(PerTaskEncoder):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_mlp_args(name, norm, activation, dropout)
-        shared = check_widths(name, "shared", shared, "[256, 128]", allow_empty=True)
-        tower = check_widths(name, "tower", tower, "[64]", allow_empty=True)
+        check_mlp_args(self.owner, norm, activation, dropout)
+        shared = check_widths(self.owner, "shared", shared, "[256, 128]", allow_empty=True)
+        tower = check_widths(self.owner, "tower", tower, "[64]", allow_empty=True)
         if not shared and not tower:
-            raise ConfigError(f"{name}: shared and tower are both empty; give at least one layer, e.g. shared: [256]")
-        self.in_features = flat_features(name, input_shape)
+            raise ConfigError(
+                f"{self.owner}: shared and tower are both empty; give at least one layer, e.g. shared: [256]"
+            )
+        self.in_features = flat_features(self.owner, input_shape)
         self.shared_widths, self.tower_widths = shared, tower
         self._mlp_args: dict[str, Any] = {"dropout": dropout, "norm": norm, "activation": activation}
         self.flatten = nn.Flatten()

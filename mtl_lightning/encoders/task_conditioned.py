@@ -73,15 +73,14 @@ class TaskConditioned(PerTaskEncoder):
         activation: Literal["relu", "gelu", "silu", "tanh"] = "relu",
     ):
         super().__init__()
-        name = type(self).__name__
-        check_mlp_args(name, norm, activation, dropout)
+        check_mlp_args(self.owner, norm, activation, dropout)
         if conditioning not in CONDITIONINGS:
-            raise ConfigError(f"{name}: conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
-        self.hidden = check_widths(name, "hidden", hidden, "[256, 128]")
+            raise ConfigError(f"{self.owner}: conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}")
+        self.hidden = check_widths(self.owner, "hidden", hidden, "[256, 128]")
         self.task_features = self.hidden[-1]
-        self.embedding_dim = check_count(name, "embedding_dim", embedding_dim, 1, "e.g. embedding_dim: 16")
+        self.embedding_dim = check_count(self.owner, "embedding_dim", embedding_dim, 1, "e.g. embedding_dim: 16")
         self.conditioning = conditioning
-        self.in_features = flat_features(name, input_shape)
+        self.in_features = flat_features(self.owner, input_shape)
         ins = [self.in_features, *self.hidden[:-1]]
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(ins, self.hidden, strict=True))
         norm_layer = NORMS[norm]
