@@ -4,7 +4,15 @@ Loss weighting (static, equal, ...) maps the losses to a scalar; gradient method
 weigh the per-task gradients, in representation or parameter mode (see :mod:`mtl_lightning.balancers.gradient`).
 """
 
-from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, weighted_mean
+from mtl_lightning.balancers.base import (
+    BalanceInput,
+    BalanceOutput,
+    Balancer,
+    BalancerContext,
+    distributed,
+    weighted_mean,
+    world_mean,
+)
 from mtl_lightning.balancers.gradient import GradientBalancer
 from mtl_lightning.balancers.gradient_methods import (
     IMTLG,
@@ -39,6 +47,7 @@ __all__ = [
     "BalanceInput",
     "BalanceOutput",
     "Balancer",
+    "BalancerContext",
     "CAGrad",
     "DualProj",
     "EqualWeighting",
@@ -53,5 +62,7 @@ __all__ = [
     "StaticWeighting",
     "UPGrad",
     "UncertaintyWeighting",
+    "distributed",
     "weighted_mean",
+    "world_mean",
 ]

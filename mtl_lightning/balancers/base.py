@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
@@ -116,3 +117,22 @@ def weighted_mean(losses: Tensor, weights: Tensor, present: Tensor) -> BalanceOu
     w = weights.to(losses.dtype) * present.to(losses.dtype)
     norm = w / w.sum().clamp_min(torch.finfo(losses.dtype).tiny)
     return BalanceOutput(loss=(norm * losses).sum(), weights=norm.detach())
+
+
+def distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_mean(values: Tensor) -> Tensor:
+    """The mean over DDP ranks (the input itself in a single process), for balancers with state from losses.
+
+    A rank's per-task loss is its sum divided by the *global* labelled count over the world size, so the ranks' mean
+    of it is the global batch's mean loss, the same on every rank: a balancer that learns from it takes the same
+    decisions on every rank.
+    """
+    if not distributed():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.balancers.gradient import GradientBalancer, GramianMethod, Mode, _torchjd_aggregation
+from mtl_lightning.compat import gradvac_state, set_gradvac_state
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
@@ -109,14 +110,15 @@ class GradVac(GradientBalancer):
         self.register_buffer("cosine_targets", torch.zeros(len(tasks), len(tasks)))
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
-        # TorchJD's GradVacWeighting (make_aggregator builds GradVac). Any: its EMA state `_phi_t` is a private
-        # buffer that TorchJD's own code types as None.
+        # TorchJD's GradVacWeighting (make_aggregator builds GradVac) keeps its EMA state privately: compat.py
+        # loads the present tasks' block into it and reads it back after the call.
         weighting: Any = self.weighting
-        block = self.cosine_targets[idx][:, idx].to("cpu", gramian.dtype)
-        weighting._phi_t, weighting._state_key = block, (len(idx), gramian.dtype)
+        set_gradvac_state(weighting, self.cosine_targets[idx][:, idx].to("cpu", gramian.dtype))
         try:
             weights = weighting(gramian)
-            self.cosine_targets[idx[:, None], idx] = weighting._phi_t.to(self.cosine_targets)
+            updated = gradvac_state(weighting)
+            assert updated is not None  # set above, updated in place by the call
+            self.cosine_targets[idx[:, None], idx] = updated.to(self.cosine_targets)
         finally:
             weighting.reset()  # back to None: the state lives in cosine_targets only
         return weights

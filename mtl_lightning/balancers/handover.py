@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_lightning.compat import foreach_mul
+
 
 class _HandOver(torch.autograd.Function):
     """Zero scalar; its backward returns ``grads[i] * grad_output`` for ``tensors[i]``."""
@@ -33,7 +35,7 @@ class _HandOver(torch.autograd.Function):
         # One fused multiply for every tensor (the optimizers' foreach kernels): the heads have many small ones. The
         # scale is a 0-dim tensor, so each product keeps its gradient's dtype, and a float16 gradient under a large
         # loss scale saturates exactly where a real backward in float16 would.
-        scaled = torch._foreach_mul([ctx.grads[i] for i in wanted], grad_output) if wanted else []
+        scaled = foreach_mul([ctx.grads[i] for i in wanted], grad_output) if wanted else []
         for i, grad in zip(wanted, scaled, strict=True):
             out[1 + i] = grad
         ctx.grads = None  # free the gradients once handed over

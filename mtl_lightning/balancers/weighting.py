@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call
 
-from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer
+from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, distributed, world_mean
 from mtl_lightning.balancers.gradient import per_task_gradients
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
@@ -52,23 +52,6 @@ def _scalarization():
     import torchjd.scalarization as scalarization
 
     return scalarization
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _world_mean(values: Tensor) -> Tensor:
-    """The mean over DDP ranks (the input itself in a single process).
-
-    A rank's per-task loss is its sum divided by the *global* labelled count over the world size, so the ranks' mean
-    of it is the global batch's mean loss, the same on every rank.
-    """
-    if not _distributed():
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / dist.get_world_size()
 
 
 def _absent_part(losses: Tensor, present: Tensor) -> Tensor:
@@ -133,7 +116,7 @@ class _ScalarizerBalancer(Balancer):
         if idx.numel() == 0:
             return absent + _parameter_anchor(self), weights
         everyone = idx.numel() == len(losses)
-        values = _world_mean(losses.detach())
+        values = world_mean(losses.detach())
         values = self._prepare(values if everyone else values[idx], idx)
         with torch.enable_grad():
             leaf = values.detach().requires_grad_()
@@ -204,7 +187,7 @@ class RandomLossWeighting(_ScalarizerBalancer):
         self.scalarizer = _scalarization().Random()
 
     def _agree(self, out: Tensor, weights: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        if not _distributed():
+        if not distributed():
             return out, weights
         weights = weights.contiguous()
         dist.broadcast(weights, src=0)
@@ -322,7 +305,7 @@ class FAMO(Balancer):
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         losses, present = inputs.losses, inputs.present.detach()
-        values = _world_mean(losses.detach())
+        values = world_mean(losses.detach())
         shifted = self._shifted(values)
         log_shifted = shifted.log()
         self._step = present, log_shifted
@@ -343,7 +326,7 @@ class FAMO(Balancer):
             self._step = None
         else:  # called without a forward (e.g. directly): every task counts as present
             present = torch.ones_like(self.prev_present)
-            now = self._shifted(_world_mean(losses.detach())).log()
+            now = self._shifted(world_mean(losses.detach())).log()
         now = now.to(self.prev_log_losses.dtype)
         both = present & self.prev_present
         count = int(both.sum())  # one host sync; the same on every rank
@@ -425,7 +408,7 @@ class DWA(Balancer):
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         losses, present = inputs.losses, inputs.present
         with torch.no_grad():
-            values = _world_mean(losses.detach())
+            values = world_mean(losses.detach())
             self.epoch_sum += torch.where(present, values, 0).to(self.epoch_sum.dtype)
             self.epoch_count += present.to(self.epoch_count.dtype)
         weights = self.weights.to(losses.dtype) * present
@@ -509,7 +492,7 @@ class GradNorm(Balancer):
 
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
         losses, present = inputs.losses, inputs.present
-        values = _world_mean(losses.detach()).to(self.initial_losses.dtype)
+        values = world_mean(losses.detach()).to(self.initial_losses.dtype)
         with torch.no_grad():
             first = present & ~self.has_initial
             self.initial_losses.copy_(torch.where(first, values, self.initial_losses))
@@ -558,7 +541,7 @@ class GradNorm(Balancer):
         else:  # one alias per head, or one representation per task (MMoE, ...): one backward gives every row
             squares = torch.stack([g.float().pow(2).sum() for g in per_task_gradients(losses, shared)])
         squares = squares.detach()
-        if _distributed():
+        if distributed():
             # Rows of z on different ranks are different variables: the global squared norm is the sum over ranks
             # of the squared norms of the global mean's gradient, a rank's share being its own divided by the world.
             dist.all_reduce(squares)

@@ -102,7 +102,7 @@ class SequenceDataModule(MultiTaskDataModule):
 
     def _sources(self) -> list[int]:
         """Number of label sources (marker sets) per task."""
-        return [s.task_kind.signal_width(s) for s in self.tasks]
+        return [s.task_kind.target_width(s) for s in self.tasks]
 
     def generate_tokens(self, gen: Generator) -> Tensor:
         """``(num_samples, seq_len)`` int64 token ids, padded with :data:`PAD_ID` when ``min_length`` is set."""

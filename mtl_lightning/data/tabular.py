@@ -217,13 +217,13 @@ class TabularDataModule(MultiTaskDataModule):
         for spec in self.tasks:
             cols = mapping.get(spec.name, spec.name)
             cols = [cols] if isinstance(cols, str) else list(cols)
-            # Multilabel and regression tasks read one column per output; binary/multiclass one label column.
-            want = int(spec.num_outputs or 1) if spec.kind in ("multilabel", "regression") else 1
+            # One column per value of the task's target (its kind says: one per output, one class index, ...).
+            want = spec.task_kind.target_width(spec)
             if len(cols) != want or len(set(cols)) != len(cols):
                 example = f"[col_1, ..., col_{want}] (distinct)" if want > 1 else "column"
                 hint = f"set target_columns: {{{spec.name}: {example}}}"
                 what = f"{want} target columns, one per output" if want > 1 else "one target column"
-                if spec.kind in ("multilabel", "regression"):
+                if want > 1:
                     hint += " (or fix num_outputs)"
                 raise DataError(
                     f"task {spec.name!r} ({spec.kind}, num_outputs={spec.num_outputs}) needs {what}, got "
@@ -465,6 +465,6 @@ class TabularDataModule(MultiTaskDataModule):
                 )
             return torch.from_numpy(np.where(np.isnan(values[:, 0]), IGNORE_INDEX, values[:, 0]).astype(np.int64))
         values = values.astype(np.float32)
-        if spec.kind == "binary" or (spec.kind == "regression" and len(cols) == 1):
+        if len(spec.task_kind.target_shape(spec, 1)) == 1:  # one value per sample: (N,), not (N, 1)
             values = values[:, 0]
         return torch.from_numpy(np.ascontiguousarray(values))

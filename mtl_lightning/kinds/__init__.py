@@ -35,7 +35,10 @@ def get_kind(name: str) -> TaskKind:
             f"unknown kind {name!r}; use one of {', '.join(BUILTIN)} or the dotted path of a "
             "mtl_lightning.kinds.TaskKind subclass"
         )
-    cls = import_from_path(path, "task kind")
+    try:
+        cls = import_from_path(path, "task kind")
+    except ConfigError as err:
+        raise KindError(str(err)) from err
     if not (isinstance(cls, type) and issubclass(cls, TaskKind)):
         raise KindError(f"task kind {name!r} is not a subclass of mtl_lightning.kinds.TaskKind")
     return cls()

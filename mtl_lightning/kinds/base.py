@@ -165,8 +165,9 @@ class TaskKind:
         return None
 
     # ------------------------------------------------------------------------------------------ generators
-    def signal_width(self, spec: TaskSpec) -> int:
-        """How many latent signals a generator gives this task's :meth:`label_from_signal` (one per output)."""
+    def target_width(self, spec: TaskSpec) -> int:
+        """How many values one sample's target has: one per output here (a class index for multiclass). So many
+        columns a table gives the task, and so many latent signals a generator gives :meth:`label_from_signal`."""
         return int(spec.num_outputs or 1)
 
     def label_from_signal(self, spec: TaskSpec, signal: Tensor, generator: Generator, noise: float = 0.0) -> Tensor:

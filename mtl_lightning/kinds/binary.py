@@ -47,9 +47,6 @@ class BinaryKind(ClassificationKind):
     def class_column(self, spec: TaskSpec) -> str | None:
         return f"{spec.name}_pred"
 
-    def signal_width(self, spec: TaskSpec) -> int:
-        return 1
-
     def label_from_signal(self, spec: TaskSpec, signal: Tensor, generator: Generator, noise: float = 0.0) -> Tensor:
         """Above or below the median of the signal (its first column)."""
         first = signal if signal.ndim == 1 else signal[:, 0]

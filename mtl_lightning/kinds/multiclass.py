@@ -51,7 +51,7 @@ class MulticlassKind(ClassificationKind):
     def class_column(self, spec: TaskSpec) -> str | None:
         return f"{spec.name}_pred"
 
-    def signal_width(self, spec: TaskSpec) -> int:
+    def target_width(self, spec: TaskSpec) -> int:
         return 1
 
     def label_from_signal(self, spec: TaskSpec, signal: Tensor, generator: Generator, noise: float = 0.0) -> Tensor:
