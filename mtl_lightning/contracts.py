@@ -106,8 +106,10 @@ class SupportsFSDPUnits(Protocol):
 
     ``fsdp_units()`` returns submodules of the encoder (its layers, experts or columns); each becomes its own FSDP
     unit (FSDP1's auto-wrap policy, FSDP2's ``fully_shard``), so only one block's full parameters are gathered at a
-    time. What no unit holds goes in the encoder's own unit. Called when the model is built and when it is
-    sharded; return the same modules both times. An encoder without the hook is sharded as one unit.
+    time. Each must be called through its own forward (FSDP gathers the parameters in forward hooks), so name the
+    blocks, not an ``nn.ModuleList`` or ``nn.ModuleDict`` of them. What no unit holds goes in the encoder's own
+    unit. Called when the model is built and when it is sharded; return the same modules both times. An encoder
+    without the hook is sharded as one unit.
     """
 
     def fsdp_units(self) -> Sequence[nn.Module]: ...
