@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchmetrics
-from conftest import QUIET_TRAINER, QUICKSTART, run_cli
+from conftest import QUICKSTART, QUIET_TRAINER, run_cli
 from torch import Generator, Tensor
 
 from mtl_lightning.data import SyntheticDataModule
@@ -19,8 +19,8 @@ from mtl_lightning.kinds import BUILTIN, IGNORE_INDEX, KindError, TaskKind, get_
 from mtl_lightning.kinds.regression import RegressionKind
 from mtl_lightning.losses import build_loss, masked_loss
 from mtl_lightning.metrics import build_metrics, metric_inputs, metric_update
-from mtl_lightning.tasks import TaskSpec, TaskSpecError
 from mtl_lightning.targets import TargetError, check_values
+from mtl_lightning.tasks import TaskSpec, TaskSpecError
 
 SPECS = {
     "binary": TaskSpec("b", "binary"),
@@ -118,7 +118,7 @@ def test_the_synthetic_data_makes_count_labels_like_every_other_kind() -> None:
 def test_an_unknown_kind_or_a_class_that_is_no_kind_is_one_clear_error() -> None:
     with pytest.raises(TaskSpecError, match=r"task 't': unknown kind 'ordinal'; use one of binary, .*count"):
         TaskSpec("t", "ordinal")
-    with pytest.raises(TaskSpecError, match="is not a subclass of mtl_lightning.kinds.TaskKind"):
+    with pytest.raises(TaskSpecError, match=r"is not a subclass of mtl_lightning\.kinds\.TaskKind"):
         TaskSpec("t", "torch.nn.Linear")
     with pytest.raises(KindError):
         get_kind("no_such_module.Kind")
