@@ -45,6 +45,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.optim import Optimizer
 
+from mtl_lightning.compat import child_schedulers
 from mtl_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def _fit_scheduler(scheduler: Any, optimizer: Optimizer, ratio: float) -> None:
     """Extend a scheduler's per-group lists to the optimizer's groups (added ones are the encoder's) and set the
     encoder's entries to ``ratio`` times the first group's. Covers torch's schedulers, SequentialLR's and
     ChainedScheduler's children included; LRs of the first group are never changed."""
-    for child in getattr(scheduler, "_schedulers", []):
+    for child in child_schedulers(scheduler):
         _fit_scheduler(child, optimizer, ratio)
     groups = optimizer.param_groups
     encoder = [i for i, g in enumerate(groups) if g.get("name") == GROUP]

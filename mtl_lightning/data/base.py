@@ -8,8 +8,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
 from mtl_lightning.errors import ConfigError

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mtl_lightning.compat import NUMPY_RECONSTRUCT_GLOBALS, numpy_array_reconstructor
 from mtl_lightning.data.base import DataError, MultiTaskDataModule
 from mtl_lightning.data.cache import cache_key, default_cache_dir, load_arrays, save_arrays
 from mtl_lightning.data.datasets import MultiTaskTensorDataset
@@ -68,21 +69,13 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     such files are refused too: re-save them with protocol 3 or later.)
     """
 
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-        }
-    )
+    _ALLOWED = NUMPY_RECONSTRUCT_GLOBALS | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed here")
-        if name == "_reconstruct":
-            core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (an alias that warns)
-            return core.multiarray._reconstruct
+        if (module, name) in NUMPY_RECONSTRUCT_GLOBALS:
+            return numpy_array_reconstructor()
         return np.ndarray if name == "ndarray" else np.dtype
 
 

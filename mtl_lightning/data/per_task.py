@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from mtl_lightning.data.base import SPLITS, DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
