@@ -6,6 +6,11 @@ group can be replaced by its own file, e.g. ``--trainer configs/trainer/gpu.yaml
 
 Commands that are not Lightning runs have their own parsers: ``mtl export`` (:mod:`mtl_lightning.export`) and
 ``mtl compress`` (:mod:`mtl_lightning.compression.cli`); ``mtl --version`` prints the package version.
+
+This module is the console script's entry point and imports no Lightning: ``mtl --version`` and ``mtl --help`` answer
+at once instead of after the seconds Lightning, torchmetrics and TorchJD take to import. The LightningCLI subclass
+:class:`MTLCLI` lives in :mod:`mtl_lightning.lightning_cli`; ``from mtl_lightning.cli import MTLCLI`` imports it on
+first use.
 """
 
 from __future__ import annotations
@@ -13,63 +18,42 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
-
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from typing import TYPE_CHECKING, Any
 
 from mtl_lightning import errors
-from mtl_lightning.launch_checks import check_trainer_config
-from mtl_lightning.resume import resolve_last, resumed_config_name
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import ArgsType
+
+    from mtl_lightning.lightning_cli import MTLCLI
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+# The LightningCLI subcommands, with what each does (for the short `mtl --help`).
+LIGHTNING_COMMANDS = {
+    "fit": "train (and validate) a model",
+    "validate": "evaluate a model (--ckpt_path) on the validation split",
+    "test": "evaluate a model (--ckpt_path) on the test split",
+    "predict": "per-task predictions of a model (--ckpt_path)",
+}
 # Commands with their own parser, each a module with ``main(argv: list[str]) -> int``; imported only when used.
 COMMANDS = {"export": "mtl_lightning.export", "compress": "mtl_lightning.compression.cli"}
+COMMAND_HELP = {
+    "export": "a checkpoint as one ONNX or torch.export file, every task's output included",
+    "compress": "quantise or factorise (SVD) a checkpoint, or report what one holds",
+}
 DESCRIPTION = (
     "Multi-task training with Lightning: mtl fit|validate|test|predict --config CONFIG. Other commands: "
     "mtl export --help (ONNX / torch.export), mtl compress --help, mtl --version."
 )
 
 
-class MTLCLI(LightningCLI):
-    """LightningCLI in subclass mode for model and data, with the data's tasks linked into the model."""
+def __getattr__(name: str) -> Any:
+    # PEP 562: MTLCLI subclasses LightningCLI, so importing it imports Lightning; only when it is asked for.
+    if name == "MTLCLI":
+        from mtl_lightning.lightning_cli import MTLCLI
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
-        parser.link_arguments(
-            "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
-        )
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config)
-        trainer = config.get("trainer")
-        if trainer is None:
-            return
-        check_trainer_config(trainer)
-        resumed = resolve_last(trainer, config.get("ckpt_path"))
-        if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
-            self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # Lightning's default RichProgressBar redraws every batch: 15-20% of a small model's step on 2 CPU cores
-        # (docs/benchmarks.md). Same bar, refreshed every 10 batches, unless the user configured a bar or none.
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            config["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
-        return super().instantiate_trainer(**kwargs)
-
-    def instantiate_classes(self) -> None:
-        mark = errors.marker()
-        try:
-            super().instantiate_classes()
-        except Exception as err:
-            # Surface our own message instead of jsonargparse's nested "Union subtypes" report.
-            ours = errors.created_since(mark)
-            if ours and not isinstance(err, errors.ConfigError):
-                raise ours[0] from None
-            raise
+        return MTLCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _with_default_config(args: list[str]) -> list[str]:
@@ -85,6 +69,31 @@ def version_line() -> str:
     from mtl_lightning import __version__
 
     return f"mtl_lightning {__version__}"
+
+
+def usage() -> str:
+    """``mtl --help``: the commands and how to get each one's help, without importing Lightning."""
+    names = [*LIGHTNING_COMMANDS, *COMMANDS]
+    rows = [
+        *(("commands:", name, text) for name, text in {**LIGHTNING_COMMANDS, **COMMAND_HELP}.items()),
+        ("options:", "-h, --help", "show this message and exit"),
+        ("options:", "-V, --version", "print the package version and exit"),
+    ]
+    width = max(len(name) for _, name, _ in rows) + 2
+    lines = [
+        f"usage: mtl [-h] [-V] {{{','.join(names)}}} ...",
+        "",
+        "Multi-task training with Lightning: one shared encoder, one head per task, driven by YAML.",
+    ]
+    for section in ("commands:", "options:"):
+        lines += ["", section, *(f"  {name:<{width}}{text}" for s, name, text in rows if s == section)]
+    lines += [
+        "",
+        "Each command has its own help: mtl fit --help (every option of the model, data and trainer),",
+        "mtl export --help, mtl compress --help. mtl fit --print_config prints the merged config of a run.",
+        "fit, validate, test and predict without --config run configs/quickstart.yaml.",
+    ]
+    return "\n".join(lines)
 
 
 def run_command(name: str, argv: list[str]) -> int:
@@ -104,13 +113,21 @@ def run_command(name: str, argv: list[str]) -> int:
 def main(args: ArgsType = None) -> MTLCLI:
     """Entry point of ``mtl`` and ``python -m mtl_lightning``; pass ``args`` to run it in-process (tests).
 
-    ``--version`` and the :data:`COMMANDS` (``export``, ``compress``) end with ``SystemExit`` carrying their exit
-    code, like ``--help``: they build no :class:`MTLCLI` to return.
+    ``--version``, ``--help`` without a command, no arguments at all and the :data:`COMMANDS` (``export``,
+    ``compress``) end with ``SystemExit`` carrying their exit code, like a command's ``--help``: they build no
+    :class:`MTLCLI` to return (and import no Lightning).
     """
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv:
+    if isinstance(argv, list):
+        if not argv:
+            print(usage(), file=sys.stderr)
+            print("mtl: error: give a command, e.g. mtl fit --config configs/quickstart.yaml", file=sys.stderr)
+            raise SystemExit(2)
         if argv[0] in ("--version", "-V"):
             print(version_line())
+            raise SystemExit(0)
+        if argv[0] in ("--help", "-h"):
+            print(usage())
             raise SystemExit(0)
         if argv[0] in COMMANDS:
             raise SystemExit(run_command(argv[0], list(argv[1:])))
@@ -119,6 +136,10 @@ def main(args: ArgsType = None) -> MTLCLI:
         sys.argv[1:] = _with_default_config(sys.argv[1:])
     elif isinstance(args, list):
         args = _with_default_config(args)
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from mtl_lightning.lightning_cli import MTLCLI
+
     return MTLCLI(
         LightningModule,
         LightningDataModule,

@@ -1,33 +1,31 @@
 """Errors for bad input (configs, task specs, data), so the CLI can show their message alone.
 
 jsonargparse re-raises an error from a constructor as a long "does not validate against any of the Union
-subtypes" report with our message buried inside. Every ConfigError records itself when created; the CLI looks up
-the ones created while it instantiated the classes and prints the first as a single line.
+subtypes" report with our message buried inside; it chains the original error as that report's ``__cause__``.
+The CLI finds our error in the chain with :func:`find_config_error` and shows it instead: no registry, no state.
 """
 
 from __future__ import annotations
-
-import itertools
-from collections import deque
-
-_serial = itertools.count(1)
-_recent: deque[tuple[int, ConfigError]] = deque(maxlen=16)
 
 
 class ConfigError(ValueError):
     """Base class of the template's input errors; the message names the problem and the fix."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.serial = next(_serial)
-        _recent.append((self.serial, self))
 
+def find_config_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError nearest to ``error`` in its chain of causes and contexts (``error`` itself first), or None.
 
-def marker() -> int:
-    """The serial of the newest ConfigError so far, to pass to :func:`created_since`."""
-    return _recent[-1][0] if _recent else 0
-
-
-def created_since(mark: int) -> list[ConfigError]:
-    """ConfigErrors created after ``mark`` (oldest first)."""
-    return [err for serial, err in _recent if serial > mark]
+    Breadth first, the explicit ``__cause__`` before the implicit ``__context__``, so the error our code chose to
+    raise last wins over ones it was handling. Each exception is visited once: a chain may contain a cycle.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConfigError):
+            return current
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None

@@ -1,0 +1,82 @@
+"""The LightningCLI behind ``mtl fit|validate|test|predict``: the data's tasks, input shape and vocabulary size are
+linked into the model, and our own errors are shown instead of jsonargparse's report.
+
+Kept apart from :mod:`mtl_lightning.cli`, which is the command's entry point: importing this module imports
+Lightning (seconds), which ``mtl --version`` and ``mtl --help`` do not need. ``from mtl_lightning.cli import MTLCLI``
+still works (the name is resolved on first use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mtl_lightning import errors
+from mtl_lightning.launch_checks import check_trainer_config
+from mtl_lightning.resume import resolve_last, resumed_config_name
+
+# The encoder's vocab_size, linked from the data module's ``vocab_size`` (token data): written once, in the data.
+ENCODER_VOCAB_SIZE = "model.init_args.encoder.init_args.vocab_size"
+
+
+class MTLCLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data, with the data's tasks linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
+        parser.link_arguments(
+            "data.input_shape", "model.init_args.encoder.init_args.input_shape", apply_on="instantiate"
+        )
+        # jsonargparse skips this link for an encoder without a vocab_size parameter (the key is not in its
+        # config) and for a data module without a vocab_size attribute (then the encoder's own value is kept), so
+        # configs with other encoders or other data are untouched.
+        parser.link_arguments("data.vocab_size", ENCODER_VOCAB_SIZE, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        check_trainer_config(trainer)
+        resumed = resolve_last(trainer, config.get("ckpt_path"))
+        if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
+            self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning's default RichProgressBar redraws every batch: 15-20% of a small model's step on 2 CPU cores
+        # (docs/benchmarks.md). Same bar, refreshed every 10 batches, unless the user configured a bar or none.
+        # The trainer's settings are read as LightningCLI.instantiate_trainer reads them (public attributes).
+        config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
+        callbacks = kwargs.get("callbacks", config.get("callbacks"))
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
+        return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        ours: errors.ConfigError | None = None
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            # Our own message instead of jsonargparse's nested "Union subtypes" report, which chains it as a cause.
+            ours = errors.find_config_error(err)
+            if ours is None or ours is err:
+                raise
+        if ours is not None:
+            # Raised here, outside the except block, so that Python leaves its own chain (what it was raised from
+            # or while handling) as it is, instead of making the report its context.
+            raise ours
+        self._check_vocab_size()
+
+    def _check_vocab_size(self) -> None:
+        """An encoder vocab_size written by hand as well as linked from the data must agree (the link wins)."""
+        given = self.config.get(str(self.subcommand), self.config).get(ENCODER_VOCAB_SIZE)
+        linked = getattr(self.datamodule, "vocab_size", None)
+        if given is not None and linked is not None and given != linked:
+            raise errors.ConfigError(
+                f"{ENCODER_VOCAB_SIZE} is {given} but the data's vocab_size is {linked}; the encoder's vocab_size "
+                f"comes from the data: remove it from the model config (or set data.init_args.vocab_size)"
+            )
