@@ -25,8 +25,10 @@ protocol                              read by
 :class:`HasGradientMode`              ``callbacks.EncoderFinetuning`` (refuses to freeze under parameter mode)
 ====================================  ==========================================================================
 
-An ``isinstance`` check against a protocol with data members (``out_features``, ``split_rows``, ...) reads them
-(``hasattr``), so a property behind one runs; keep such properties cheap or cached.
+How ``isinstance`` finds a data member (``out_features``, ``split_rows``, ``last_cosine``, ...) depends on the
+Python version: up to 3.11 it calls ``hasattr``, so a property behind the member runs (keep it cheap or cached);
+from 3.12 it looks the name up statically, so make the member a plain attribute, a property or a class attribute,
+not a registered buffer, parameter or submodule (those live in ``nn.Module``'s own dicts, where it does not look).
 
 This module imports nothing at run time beyond :mod:`typing`, so any layer may import it.
 """
