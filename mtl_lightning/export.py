@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning.callbacks.prediction_writer import check_writable
+from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.metrics import predictions
 from mtl_lightning.module import MultiTaskModule
@@ -166,15 +167,16 @@ def _saved_input_shape(model: MultiTaskModule) -> tuple[int, ...] | None:
         shape = (encoder_cfg.get("init_args") or {}).get("input_shape")
         if shape is not None:
             return tuple(int(d) for d in shape)
-    shape = getattr(model.encoder, "input_shape", None)
+    shape = model.encoder.input_shape if isinstance(model.encoder, HasInputShape) else None
     return tuple(int(d) for d in shape) if shape is not None else None
 
 
 def example_from_data(datamodule: Any, model: MultiTaskModule) -> Tensor:
     """The first rows of the config's predict data (its test split unless it has its own predict split)."""
-    check_tasks(list(model.tasks.values()), list(getattr(datamodule, "tasks", [])))
+    data = datamodule if isinstance(datamodule, MultiTaskData) else None
+    check_tasks(list(model.tasks.values()), list(data.tasks) if data is not None else [])
     saved = _saved_input_shape(model)
-    given = getattr(datamodule, "input_shape", None)
+    given = data.input_shape if data is not None else None
     if saved is not None and given is not None and tuple(given) != saved:
         raise ExportError(
             f"the config's data has input_shape {tuple(given)} but the checkpoint's encoder was built for {saved}; "
@@ -200,7 +202,7 @@ def example_from_checkpoint(model: MultiTaskModule) -> Tensor:
             "--config with the config the model was trained with (its data gives the example batch)"
         )
     generator = torch.Generator().manual_seed(0)
-    vocab = getattr(model.encoder, "vocab_size", None)
+    vocab = model.encoder.vocab_size if isinstance(model.encoder, HasVocabSize) else None
     if isinstance(vocab, int):
         return torch.randint(0, vocab, (EXAMPLE_ROWS, *shape), generator=generator)
     return torch.randn(EXAMPLE_ROWS, *shape, generator=generator)

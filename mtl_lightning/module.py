@@ -32,7 +32,7 @@ from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
 from mtl_lightning.balancers.base import BalancerContext
 from mtl_lightning.batches import unpack_batch
 from mtl_lightning.checkpoint_hooks import run_load_hooks
-from mtl_lightning.contracts import SupportsBindTasks, SupportsTrainingLogs
+from mtl_lightning.contracts import Encoder, SupportsBindTasks, SupportsTrainingLogs
 from mtl_lightning.heads import TaskHeads, sync_parts
 from mtl_lightning.losses import build_loss, raise_nonfinite, task_losses
 from mtl_lightning.monitoring import check_monitors
@@ -196,7 +196,7 @@ class MultiTaskModule(LightningModule):
         self._build_task_parts()
 
     def _representation_widths(self, encoder: nn.Module) -> dict[str, int]:
-        width = getattr(encoder, "out_features", None)
+        width = encoder.out_features if isinstance(encoder, Encoder) else None
         if isinstance(width, Mapping):
             missing = sorted(set(self.tasks) - set(width))
             if missing:

@@ -20,6 +20,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from mtl_lightning.compat import set_model_parallel_sizes
+from mtl_lightning.contracts import SupportsFSDPUnits
 from mtl_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ _UNIT_MARK = "_mtl_fsdp_unit"
 
 def encoder_units(encoder: nn.Module) -> list[nn.Module]:
     """The encoder's sharding units (``encoder.fsdp_units()``), or none when it defines no such method."""
-    units = getattr(encoder, "fsdp_units", None)
-    return list(units()) if callable(units) else []
+    return list(encoder.fsdp_units()) if isinstance(encoder, SupportsFSDPUnits) else []
 
 
 def register_units(encoder: nn.Module) -> None:

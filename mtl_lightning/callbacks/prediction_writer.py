@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from mtl_lightning.contracts import BatchPartsSampler, HasClassNames, HasSplitRows
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
@@ -130,15 +131,15 @@ def batch_keys(trainer: Trainer, batch_indices: Sequence[Any] | None, batch_idx:
     ):
         ids = np.asarray(batch_indices, dtype=np.int64)
         keys: dict[str, np.ndarray] = {"id": ids}
-        split_rows = getattr(_datamodule(trainer), "split_rows", None)
+        datamodule = _datamodule(trainer)
+        split_rows = datamodule.split_rows if isinstance(datamodule, HasSplitRows) else None
         rows = split_rows.get("predict", split_rows.get("test")) if isinstance(split_rows, Mapping) else None
         if rows is not None and len(rows) == len(_predict_loader(trainer, dataloader_idx).dataset):
             keys["source_row"] = np.asarray(rows)[ids].astype(np.int64)
         return keys
     sampler = getattr(_predict_loader(trainer, dataloader_idx), "sampler", None)
-    batches = getattr(sampler, "batches", None)
-    if isinstance(batches, Sequence) and batch_idx < len(batches):
-        parts = batches[batch_idx]
+    if isinstance(sampler, BatchPartsSampler) and batch_idx < len(sampler.batches):
+        parts = sampler.batches[batch_idx]
         sources = [np.full(len(p[1]), str(p[0]), dtype=object) for p in parts]
         rows = [np.asarray(p[1], dtype=np.int64).reshape(-1) for p in parts]
         return {"task": np.concatenate(sources), "id": np.concatenate(rows)}
@@ -221,7 +222,8 @@ class PredictionWriter(BasePredictionWriter):
         n = len(columns["id"])
         if dataloader_idx:
             columns = {"dataloader": np.full(n, dataloader_idx, dtype=np.int64), **columns}
-        class_names = getattr(_datamodule(trainer), "class_names", None)
+        datamodule = _datamodule(trainer)
+        class_names = datamodule.class_names if isinstance(datamodule, HasClassNames) else None
         for name, spec in tasks.items():
             if name not in prediction:
                 continue
