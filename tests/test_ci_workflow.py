@@ -62,11 +62,11 @@ def test_workflow_installs_the_makefiles_data_packages() -> None:
     assert any("--no-deps" in line and "DATA_PACKAGES" in line for line in run_lines(job))
 
 
-@pytest.mark.parametrize("target", ["lint", "test", "typecheck"])
+@pytest.mark.parametrize("target", ["lint", "test", "test-all", "typecheck"])
 def test_workflow_runs_the_makefile_commands(target: str) -> None:
     recipe = makefile_recipe(target)
     if recipe is None:
-        if target in ("lint", "test"):
+        if target in ("lint", "test", "test-all"):
             pytest.fail(f"the Makefile has no {target!r} target")
         pytest.skip(f"the Makefile has no {target!r} target")
     (job,) = workflow()["jobs"].values()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, SMALL_DATA, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -73,11 +74,53 @@ def test_every_config_folder_has_a_composition_rule() -> None:
     assert folders <= set(GROUP_FLAGS) | {"experiment"}, f"add a flag for {folders - set(GROUP_FLAGS)}"
 
 
-@pytest.mark.parametrize("extra", _config_cases())
-def test_every_config_runs_all_subcommands(extra: list[str], tmp_path: Path) -> None:
+def _config_args(extra: list[str]) -> list[str]:
+    """The quickstart with one config on top, two batches of each loop (the quickstart's data made small)."""
     base = ["--config", str(QUICKSTART), *extra, "--trainer.fast_dev_run", "2"]
     if "--data" not in extra and not any("experiment" in e for e in extra):
         base += SMALL_DATA
+    return base
+
+
+# Fewer samples and smaller batches for the image data (the same encoders: a ResNet step on 64 images takes seconds
+# on 2 CPU cores, and MultiMNIST builds 70,000 images). The slow twin below runs them at the configs' own sizes.
+SMALL_IMAGES = ["--data.init_args.num_samples", "200"]
+SMALL_MULTIMNIST = ["--data.init_args.train_size", "200", "--data.init_args.val_size", "40"]
+SMALL_MULTIMNIST += ["--data.init_args.test_size", "40"]
+SMALL_BATCHES = ["--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "16"]
+
+
+def _small_images(extra: list[str]) -> list[str]:
+    if any(a.endswith("data/images.yaml") for a in extra):
+        return [*SMALL_IMAGES, *SMALL_BATCHES]
+    if any("multimnist" in a for a in extra):
+        return [*SMALL_MULTIMNIST, *SMALL_BATCHES]
+    return []
+
+
+# The default run: every config through `fit` (two batches), and the other subcommands parsed with it. The run of
+# all four subcommands is the slow twin below (`make test-all`).
+@pytest.mark.parametrize("extra", _config_cases())
+def test_every_config_fits(extra: list[str], tmp_path: Path) -> None:
+    cli = run_cli(["fit", *_config_args(extra), *_small_images(extra)], tmp_path)
+    assert cli.trainer.state.finished, "fit did not finish"
+    assert cli.trainer.global_step >= 1
+
+
+@pytest.mark.parametrize("extra", _config_cases())
+def test_every_config_parses_for_validate_test_and_predict(extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    for sub in ("validate", "test", "predict"):
+        with pytest.raises(SystemExit) as exit_:
+            main([sub, *_config_args(extra), "--print_config"])
+        assert exit_.value.code in (0, None), f"{sub} --print_config exited with {exit_.value.code}"
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert {"model", "data", "trainer"} <= set(printed), f"{sub}: {sorted(printed)}"
+
+
+@pytest.mark.slow  # four runs with the configs' own encoders and data: ~150 s in all on 2 CPU cores
+@pytest.mark.parametrize("extra", _config_cases())
+def test_every_config_runs_all_subcommands(extra: list[str], tmp_path: Path) -> None:
+    base = _config_args(extra)
     for sub in ("fit", "validate", "test", "predict"):
         cli = run_cli([sub, *base], tmp_path / sub)
         assert cli.trainer.state.finished, f"{sub} did not finish"
@@ -202,6 +245,7 @@ def test_overfits_one_batch_to_near_zero_loss(tmp_path: Path) -> None:
     assert float(cli.trainer.callback_metrics["train/loss"]) < 0.02
 
 
+@pytest.mark.integration  # `python -m mtl_lightning` in a subprocess
 def test_python_m_and_print_config(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "mtl_lightning", "fit", "--config", str(QUICKSTART), "--print_config"],
@@ -240,6 +284,7 @@ def test_bad_task_specs_give_one_clear_error(tasks: str, match: str, tmp_path: P
         run_cli(["fit", "--config", str(QUICKSTART), "--data.init_args.tasks", tasks], tmp_path)
 
 
+@pytest.mark.integration  # the console entry point in a subprocess
 def test_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

@@ -28,6 +28,7 @@ def test_version_flag_prints_and_exits(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out.strip() == f"mtl_lightning {mtl_lightning.__version__}"
 
 
+@pytest.mark.integration  # `python -m mtl_lightning --version` in a subprocess
 def test_python_dash_m_version() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mtl_lightning", "--version"], cwd=REPO, capture_output=True, text=True, timeout=120

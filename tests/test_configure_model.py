@@ -21,6 +21,7 @@ from mtl_lightning.tasks import TaskSpec
 ONE_EPOCH = ["--config", str(QUICKSTART), *SMALL_DATA, *QUIET_TRAINER, "--trainer.max_epochs", "1"]
 
 
+@pytest.mark.slow  # torch.compile's first compilation: ~20 s on 2 CPU cores
 def test_compiled_encoder_trains_tests_and_saves_eager_loadable_weights(tmp_path: Path) -> None:
     cli = run_cli(["fit", *ONE_EPOCH, "--model.init_args.compile", "true"], tmp_path)
     model = cli.model

@@ -30,9 +30,12 @@ RUNS = LOSS_WEIGHTING + GRADIENT + RUN_ONLY + DESYNC
 # Variables a surrounding launcher may have set; a child that sees them would think it is already one rank of a job.
 _DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = [
+    pytest.mark.integration,  # every test reads the weights of the two subprocess runs of the `trained` fixture
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
+]
 
 
 def _train(devices: int, runs: list[str], out: Path) -> None:

@@ -148,6 +148,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[f
     return max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.integration  # the `runs` fixture: 8 CLI runs in subprocesses, 2 processes each (~70 s on 2 CPU cores)
 @pytest.mark.parametrize("run", ["ddp", "fsdp2", "two_nodes", "ddp_resumed", "fsdp2_resumed"])
 def test_weights_equal_a_single_process(runs: dict[str, Path], run: str) -> None:
     diff, name = _max_diff(_weights(runs["single"]), _weights(runs[run]))
@@ -155,6 +156,7 @@ def test_weights_equal_a_single_process(runs: dict[str, Path], run: str) -> None
     assert _info(runs[run])["global_step"] == _info(runs["single"])["global_step"] == EPOCHS * 8
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("run", ["ddp", "fsdp2", "two_nodes"])
 def test_every_rank_logs_the_metrics_of_one_process(runs: dict[str, Path], run: str) -> None:
     # torchmetrics syncs the per-task metric states across ranks at compute(): the validation metrics of the two
@@ -168,6 +170,7 @@ def test_every_rank_logs_the_metrics_of_one_process(runs: dict[str, Path], run: 
     assert any(k.startswith("val/segment/") for k in single)
 
 
+@pytest.mark.integration
 def test_resumed_runs_continue_in_the_same_folder(runs: dict[str, Path]) -> None:
     for run in ("ddp_resumed", "fsdp2_resumed"):
         versions = sorted(p.name for p in (runs[run] / "runs" / "quickstart").iterdir())

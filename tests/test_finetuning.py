@@ -252,6 +252,7 @@ def _fit_subprocess(root: Path, extra: list[str]) -> dict[str, torch.Tensor]:
     return torch.load(root / "dump" / "weights.pt", weights_only=True)
 
 
+@pytest.mark.integration  # two CLI runs in subprocesses, one of them on 2 processes
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_ddp_trains_the_unfrozen_encoder_like_one_process(tmp_path: Path) -> None:
     # DDP ignores parameters that were frozen when it wrapped the model (Lightning issue #20340); the callback

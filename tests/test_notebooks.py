@@ -37,6 +37,7 @@ def _kernel_manager(tmp_path: Path, env: dict[str, str]) -> KernelManager:
     return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
 
 
+@pytest.mark.integration  # a fresh Jupyter kernel per notebook
 @needs_jupyter
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:

@@ -413,6 +413,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration  # a CLI run in a subprocess on 2 processes
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_two_processes_draw_the_same_tasks_on_disjoint_rows(tmp_path: Path):
     cfg = tmp_path / "ddp_data.yaml"
