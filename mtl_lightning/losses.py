@@ -75,7 +75,7 @@ def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tens
 
 
 def task_losses(
-    losses: Mapping[str, nn.Module],
+    losses: Mapping[str, nn.Module] | nn.ModuleDict,
     specs: Mapping[str, TaskSpec],
     outputs: Mapping[str, Tensor],
     targets: Mapping[str, Tensor],

@@ -79,6 +79,8 @@ class MultiTaskModule(LightningModule):
             or the scheduler monitor reads a ``train/`` value.
     """
 
+    static_weights: Tensor  # buffer (re)registered by _build_task_parts: the weights of val/loss and test/loss
+
     def __init__(
         self,
         encoder: nn.Module,

@@ -50,7 +50,7 @@ class StageMetrics(nn.Module):
         self.pending.clear()
 
     def __contains__(self, name: object) -> bool:
-        return name in self.metrics
+        return isinstance(name, str) and name in self.metrics
 
     def __getitem__(self, name: str) -> MetricCollection:
         return cast(MetricCollection, self.metrics[name])

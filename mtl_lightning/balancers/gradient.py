@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -54,7 +55,7 @@ Mode = Literal["representation", "parameter"]
 GramianMethod = Literal["batched", "autogram"]
 
 
-def _torchjd_aggregation():
+def _torchjd_aggregation() -> ModuleType:
     try:
         import torchjd.aggregation as aggregation
     except ImportError as err:  # pragma: no cover - torchjd is a dependency
@@ -230,7 +231,7 @@ class GradientBalancer(Balancer):
     sharding_hint = "mode: parameter needs the full encoder parameters; use mode: representation with FSDP/FSDP2"
     uses_task_parameters = True  # the heads' gradients are handed over (see _handed_over_parameters)
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         """The TorchJD aggregator of this method (a GramianWeightedAggregator where possible)."""
         raise NotImplementedError
 

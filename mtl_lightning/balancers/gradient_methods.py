@@ -7,6 +7,7 @@ naming the ``pip install`` that adds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # TorchJD is imported where it is used (see gradient.py)
 SOLVERS_EXTRA = 'pip install "mtl_lightning[solvers]"'
 
 
-def _build(name: str, factory, *args, **kwargs):
+def _build(name: str, factory: Callable[..., Aggregator], *args: Any, **kwargs: Any) -> Aggregator:
     try:
         return factory(*args, **kwargs)
     except ImportError as err:
@@ -47,14 +48,14 @@ class MGDA(GradientBalancer):
         super().__init__(mode, ddp_exact, telemetry, gramian)
         self.epsilon, self.max_iters = epsilon, max_iters
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
 
 
 class PCGrad(GradientBalancer):
     """Projecting conflicting gradients onto each other's normal planes (Yu et al. 2020)."""
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().PCGrad()
 
 
@@ -72,14 +73,14 @@ class CAGrad(GradientBalancer):
         super().__init__(mode, ddp_exact, telemetry, gramian)
         self.c = c
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("CAGrad", _torchjd_aggregation().CAGrad, c=self.c)
 
 
 class IMTLG(GradientBalancer):
     """Impartial MTL, gradient part: equal projections of the update on every task gradient (Liu et al. 2021)."""
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().IMTLG()
 
 
@@ -99,7 +100,7 @@ class GradVac(GradientBalancer):
         super().__init__(mode, ddp_exact, telemetry, gramian)
         self.beta = beta
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().GradVac(beta=self.beta)
 
     def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
@@ -138,21 +139,21 @@ class AlignedMTL(GradientBalancer):
         super().__init__(mode, ddp_exact, telemetry, gramian)
         self.scale_mode = scale_mode
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().AlignedMTL(scale_mode=self.scale_mode)
 
 
 class UPGrad(GradientBalancer):
     """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024)."""
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("UPGrad", _torchjd_aggregation().UPGrad)
 
 
 class DualProj(GradientBalancer):
     """Projection of the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."""
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("DualProj", _torchjd_aggregation().DualProj)
 
 
@@ -171,7 +172,7 @@ class NashMTL(GradientBalancer):
         self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
         self._subset_aggregators: dict[tuple[int, ...], Aggregator] = {}
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _build(
             "NashMTL",
             _torchjd_aggregation().NashMTL,
@@ -197,5 +198,5 @@ class GradDrop(GradientBalancer):
     def __init__(self, ddp_exact: bool = True, telemetry: bool = True):
         super().__init__("representation", ddp_exact, telemetry)
 
-    def make_aggregator(self, num_tasks: int):
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().GradDrop()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ _EPS = 1e-8
 _MIN_GRADNORM_WEIGHT = 1e-4
 
 
-def _scalarization():
+def _scalarization() -> ModuleType:
     # Imported on first use: importing torchjd takes about a second, which every `mtl --help` would pay.
     import torchjd.scalarization as scalarization
 

@@ -141,8 +141,8 @@ def batch_keys(trainer: Trainer, batch_indices: Sequence[Any] | None, batch_idx:
     if isinstance(sampler, BatchPartsSampler) and batch_idx < len(sampler.batches):
         parts = sampler.batches[batch_idx]
         sources = [np.full(len(p[1]), str(p[0]), dtype=object) for p in parts]
-        rows = [np.asarray(p[1], dtype=np.int64).reshape(-1) for p in parts]
-        return {"task": np.concatenate(sources), "id": np.concatenate(rows)}
+        part_rows = [np.asarray(p[1], dtype=np.int64).reshape(-1) for p in parts]
+        return {"task": np.concatenate(sources), "id": np.concatenate(part_rows)}
     raise PredictionWriterError(
         f"PredictionWriter cannot tell which rows batch {batch_idx} holds: the predict DataLoader of "
         f"{type(_datamodule(trainer)).__name__} has neither a batch sampler (Lightning records its indices) nor a "
