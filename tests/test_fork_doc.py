@@ -131,13 +131,14 @@ def fork(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_doc_has_every_kind_of_step() -> None:
     steps = doc_steps()
     created = [path for action, path, _ in steps if action == "file"]
-    for part in ("encoders/", "data/", "balancers/", "configs/model/", "configs/data/", "configs/balancer/"):
+    for part in ("encoders/", "data/", "balancers/", "kinds/", "configs/model/", "configs/data/", "configs/balancer/"):
         assert any(part in path for path in created), f"docs/fork.md creates no file under {part}"
     assert any(action == "append" for action, _, _ in steps), "docs/fork.md adds no task"
     commands = [argv for action, _, body in steps if action == "run" for argv in doc_commands(body)]
     assert any("fit" in argv for argv in commands), "docs/fork.md never trains"
 
 
+@pytest.mark.integration  # the `fork` fixture: a copy of the repository, the doc's commands in subprocesses
 def test_rename_moves_the_package_and_leaves_no_old_name(fork: dict) -> None:
     root, name = fork["root"], fork["name"]
     assert (root / name / "__init__.py").is_file()
@@ -155,6 +156,7 @@ def test_rename_moves_the_package_and_leaves_no_old_name(fork: dict) -> None:
     assert f"class_path: {name}." in configs
 
 
+@pytest.mark.integration
 def test_doc_files_pass_the_linters(fork: dict) -> None:
     ruff = Path(sys.executable).with_name("ruff")
     if not ruff.exists():
@@ -165,6 +167,7 @@ def test_doc_files_pass_the_linters(fork: dict) -> None:
         assert proc.returncode == 0, f"ruff {' '.join(args)} on the doc's files:\n{proc.stdout}{proc.stderr}"
 
 
+@pytest.mark.integration
 def test_training_with_the_doc_command_covers_the_new_task(fork: dict) -> None:
     root = fork["root"]
     run_dir = root / "runs" / "sensors" / "version_0"
@@ -174,29 +177,41 @@ def test_training_with_the_doc_command_covers_the_new_task(fork: dict) -> None:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["init_args"]["encoder"]["class_path"] == f"{fork['name']}.encoders.tiny_conv.TinyConvEncoder"
     assert config["model"]["init_args"]["balancer"]["class_path"].endswith("initial_loss.InitialLossWeighting")
-    tasks = ["anomaly", "activity", "energy", "fault"]
+    tasks = ["anomaly", "activity", "energy", "fault", "load"]
     assert [t["name"] for t in config["data"]["init_args"]["tasks"]] == tasks
 
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert [t["name"] for t in checkpoint["hyper_parameters"]["tasks"]] == tasks
     assert checkpoint["state_dict"]["heads.fault.net.0.weight"].shape == (1, 32)  # a linear head on 32 channels
-    assert checkpoint["state_dict"]["balancer.seen"].tolist() == [True] * 4  # the balancer's buffers are saved
+    assert checkpoint["state_dict"]["balancer.seen"].tolist() == [True] * 5  # the balancer's buffers are saved
+    kinds = [t["kind"] for t in checkpoint["hyper_parameters"]["tasks"]]
+    assert kinds[-1] == f"{fork['name']}.kinds.share.ShareKind"  # the fork's own kind, by dotted path
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/fault/loss", "val/fault/loss", "val/fault/auroc", "val/activity/accuracy", "val/energy/mae"):
+    for tag in (
+        "train/fault/loss",
+        "val/fault/loss",
+        "val/fault/auroc",
+        "val/activity/accuracy",
+        "val/energy/mae",
+        "val/load/mae",
+        "val/load/rmse",
+    ):
         assert tag in tags, f"{tag} was not logged; logged: {sorted(tags)}"
     assert {f"train/balance/weight/{t}" for t in tasks} <= tags
     initial = [events.Scalars(f"train/balance/initial_loss/{t}")[-1].value for t in tasks]
     assert all(v > 0 for v in initial)
-    assert initial != [1.0] * 4  # set from the first losses, not left at their starting value
+    assert initial != [1.0] * 5  # set from the first losses, not left at their starting value
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_forks_config_tests_cover_the_new_files(fork: dict) -> None:
     """The fork's own test suite runs the new YAML files (every config, every balancer) with their partners."""
     tests = ["tests/test_cli.py", "tests/test_balancer_cli.py", "-k", "tiny_conv or sensors or initial_loss"]
+    tests += ["-m", "not gpu"]  # with the slow twins: every new config through all four subcommands
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"],
         cwd=fork["root"],
