@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from mtl_lightning.kinds.base import IGNORE_INDEX, MetricTable, TaskKind
+from mtl_lightning.kinds.base import IGNORE_INDEX, KindError, MetricTable, TaskKind
 
 if TYPE_CHECKING:
     from mtl_lightning.tasks import TaskSpec
@@ -35,8 +35,21 @@ class ClassificationKind(TaskKind):
     is_classification: ClassVar[bool] = True
     default_loss: ClassVar[str] = "bce"
     metric_table: ClassVar[MetricTable] = CLASSIFICATION_METRICS
+    default_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     metric_task: ClassVar[str] = ""
     """The ``task`` argument of torchmetrics' classification wrappers."""
+    outputs_are: ClassVar[str] = "classes"
+    """What ``num_outputs`` counts, for error messages."""
+
+    def checked_num_outputs(self, spec: TaskSpec) -> int:
+        """``num_outputs`` of a K-way task: required, at least 2."""
+        n = spec.num_outputs
+        if n is None or n < 2:
+            raise KindError(
+                f"task {spec.name!r}: a {spec.kind} task needs num_outputs (the number of {self.outputs_are}) >= 2, "
+                f"got {n}; use kind 'binary' for a single yes/no target"
+            )
+        return int(n)
 
     def metric_kwargs(self, spec: TaskSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**kwargs, "task": self.metric_task, "ignore_index": IGNORE_INDEX, "validate_args": False}

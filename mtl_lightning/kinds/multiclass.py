@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from torch import Generator, Tensor
 
-from mtl_lightning.kinds.base import IGNORE_INDEX, KindError, TargetError, quantile_classes
+from mtl_lightning.kinds.base import IGNORE_INDEX, TargetError, quantile_classes
 from mtl_lightning.kinds.classification import ClassificationKind
 
 if TYPE_CHECKING:
@@ -18,11 +18,7 @@ class MulticlassKind(ClassificationKind):
     name: ClassVar[str] = "multiclass"
     integer_targets: ClassVar[bool] = True
     default_loss: ClassVar[str] = "ce"
-    default_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     metric_task: ClassVar[str] = "multiclass"
-
-    def checked_num_outputs(self, spec: TaskSpec) -> int:
-        return at_least_two(spec, "classes")
 
     def target_shape(self, spec: TaskSpec, batch_size: int) -> tuple[int, ...]:
         return (batch_size,)
@@ -57,14 +53,3 @@ class MulticlassKind(ClassificationKind):
     def label_from_signal(self, spec: TaskSpec, signal: Tensor, generator: Generator, noise: float = 0.0) -> Tensor:
         """Classes of equal frequency from the quantiles of the signal (its first column)."""
         return quantile_classes(signal if signal.ndim == 1 else signal[:, 0], int(spec.num_outputs or 2))
-
-
-def at_least_two(spec: TaskSpec, what: str) -> int:
-    """``num_outputs`` of a multiclass or multilabel task: required, at least 2."""
-    n = spec.num_outputs
-    if n is None or n < 2:
-        raise KindError(
-            f"task {spec.name!r}: a {spec.kind} task needs num_outputs (the number of {what}) >= 2, "
-            f"got {n}; use kind 'binary' for a single yes/no target"
-        )
-    return int(n)

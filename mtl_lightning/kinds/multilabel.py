@@ -11,7 +11,6 @@ from torch import Generator, Tensor
 from mtl_lightning.kinds.base import spread
 from mtl_lightning.kinds.binary import check_zero_one
 from mtl_lightning.kinds.classification import ClassificationKind, above
-from mtl_lightning.kinds.multiclass import at_least_two
 
 if TYPE_CHECKING:
     from mtl_lightning.tasks import TaskSpec
@@ -19,11 +18,8 @@ if TYPE_CHECKING:
 
 class MultilabelKind(ClassificationKind):
     name: ClassVar[str] = "multilabel"
-    default_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     metric_task: ClassVar[str] = "multilabel"
-
-    def checked_num_outputs(self, spec: TaskSpec) -> int:
-        return at_least_two(spec, "labels")
+    outputs_are: ClassVar[str] = "labels"
 
     def target_shape(self, spec: TaskSpec, batch_size: int) -> tuple[int, ...]:
         return (batch_size, int(spec.num_outputs or 2))
