@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning._imports import import_from_path
+from mtl_lightning.contracts import Encoder
 from mtl_lightning.tasks import TaskSpec
 
 
@@ -62,3 +63,20 @@ class TaskHeads(nn.ModuleDict):
             name: specs[name].task_kind.output(specs[name], self[name](reps[name]))
             for name in (specs if names is None else names)
         }
+
+
+def representation_widths(encoder: nn.Module, names: Sequence[str]) -> dict[str, int]:
+    """The width of the representation each task's head reads: the encoder's ``out_features``, an int or a
+    ``{task: int}`` mapping that names every task (after ``bind_tasks`` for per-task encoders)."""
+    width = encoder.out_features if isinstance(encoder, Encoder) else None
+    if isinstance(width, Mapping):
+        missing = sorted(set(names) - set(width))
+        if missing:
+            raise ValueError(f"encoder {type(encoder).__name__}.out_features has no width for tasks {missing}")
+        return {name: int(width[name]) for name in names}
+    if not isinstance(width, int):
+        raise TypeError(
+            f"encoder {type(encoder).__name__} must expose `out_features` (the width of its representation, "
+            "an int or a {task: int} dict) so the task heads can be built"
+        )
+    return dict.fromkeys(names, width)

@@ -32,13 +32,13 @@ from mtl_lightning.balancers import BalanceInput, Balancer, StaticWeighting
 from mtl_lightning.balancers.base import BalancerContext
 from mtl_lightning.batches import unpack_batch
 from mtl_lightning.checkpoint_hooks import run_load_hooks
-from mtl_lightning.contracts import Encoder, SupportsBindTasks, SupportsTrainingLogs
-from mtl_lightning.heads import TaskHeads, sync_parts
+from mtl_lightning.contracts import SupportsBindTasks, SupportsTrainingLogs
+from mtl_lightning.heads import TaskHeads, representation_widths, sync_parts
 from mtl_lightning.losses import build_loss, raise_nonfinite, task_losses
 from mtl_lightning.monitoring import check_monitors
 from mtl_lightning.sharding import clip_fsdp1, is_sharded, register_units, shard
 from mtl_lightning.stage_metrics import StageMetrics
-from mtl_lightning.step_logging import TrainStepLogging, every_step, log_this_step
+from mtl_lightning.step_logging import TrainStepLogging, every_step, log_this_step, train_step_values
 from mtl_lightning.tasks import TaskSpec, parse_tasks
 from mtl_lightning.transfer import InitReport, load_matching
 
@@ -154,7 +154,7 @@ class MultiTaskModule(LightningModule):
         specs = list(self.tasks.values())
         if isinstance(self.encoder, SupportsBindTasks):  # per-task parts (gates, towers) learn the task names here
             self.encoder.bind_tasks(list(self.tasks))
-        self.heads.sync(self.tasks, self._representation_widths(self.encoder))
+        self.heads.sync(self.tasks, representation_widths(self.encoder, list(self.tasks)))
         sync_parts(self.losses, list(self.tasks), lambda name: build_loss(self.tasks[name]))
         for stage in self._stages():
             stage.sync(self.tasks)
@@ -196,20 +196,6 @@ class MultiTaskModule(LightningModule):
         if self._active is not None:
             self._active.discard(name)
         self._build_task_parts()
-
-    def _representation_widths(self, encoder: nn.Module) -> dict[str, int]:
-        width = encoder.out_features if isinstance(encoder, Encoder) else None
-        if isinstance(width, Mapping):
-            missing = sorted(set(self.tasks) - set(width))
-            if missing:
-                raise ValueError(f"encoder {type(encoder).__name__}.out_features has no width for tasks {missing}")
-            return {name: int(width[name]) for name in self.tasks}
-        if not isinstance(width, int):
-            raise TypeError(
-                f"encoder {type(encoder).__name__} must expose `out_features` (the width of its representation, "
-                "an int or a {task: int} dict) so the task heads can be built"
-            )
-        return dict.fromkeys(self.tasks, width)
 
     @property
     def task_names(self) -> list[str]:
@@ -329,24 +315,10 @@ class MultiTaskModule(LightningModule):
         return [*self.heads.parameters(), *self.losses.parameters()]  # the balancer skips frozen ones
 
     def _log_train_step(self, loss: Tensor, means: Tensor, weights: Tensor, extra: Mapping[str, Tensor]) -> None:
-        # One stacked tensor and one (possible) cross-rank reduction instead of one per logged name. reduce_op by
-        # keyword: the second positional parameter of Strategy.reduce is the process group.
         encoder_logs = dict(self.encoder.training_logs()) if isinstance(self.encoder, SupportsTrainingLogs) else {}
-        extras = [v.detach().float().reshape(1) for v in encoder_logs.values()]
-        stacked = torch.cat([loss.detach()[None], means.detach(), weights.detach(), *extras])
-        values = self.trainer.strategy.reduce(stacked, reduce_op="mean")
-        logs = {"train/loss": values[0]}
-        n = len(self.tasks)
-        active = self.active_tasks
-        for i, name in enumerate(self.tasks):
-            if name in active:  # a disabled task logs nothing rather than zeros
-                logs[f"train/{name}/loss"] = values[1 + i]
-                logs[f"train/balance/weight/{name}"] = values[1 + n + i]
-        for j, key in enumerate(encoder_logs):
-            logs[f"train/encoder/{key}"] = values[1 + 2 * n + j]
-        # Balancer telemetry names tasks as path segments (grad_norm/<task>, cosine/<a>/<b>): drop disabled tasks'.
-        off = set(self.tasks) - set(active)
-        logs.update({f"train/balance/{k}": v for k, v in extra.items() if not off & set(k.split("/"))})
+        logs = train_step_values(
+            self.trainer.strategy, loss, means, weights, encoder_logs, extra, self.task_names, self.active_tasks
+        )
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
 
     def _eval_step(self, batch: Any, stage: StageMetrics) -> None:

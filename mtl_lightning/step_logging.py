@@ -15,10 +15,13 @@ filename that formats one, an LR scheduler monitor) needs every step: ``log_trai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor
 
 from mtl_lightning import compat
 
@@ -49,3 +52,36 @@ def log_this_step(trainer: Trainer | None, every: bool) -> bool:
     if compat.should_update_logs(trainer) or trainer.fast_dev_run:  # type: ignore[attr-defined]
         return True
     return bool(getattr(trainer, "is_last_batch", True))
+
+
+def train_step_values(
+    strategy: Strategy,
+    loss: Tensor,
+    means: Tensor,
+    weights: Tensor,
+    encoder_logs: Mapping[str, Tensor],
+    balancer_logs: Mapping[str, Tensor],
+    tasks: Sequence[str],
+    active: Sequence[str],
+) -> dict[str, Tensor]:
+    """A training step's logged values, averaged over ranks in one collective: ``train/loss``, per active task
+    ``train/{task}/loss`` and ``train/balance/weight/{task}``, ``train/encoder/{key}``, ``train/balance/{key}``.
+
+    One stacked tensor and one (possible) cross-rank reduction instead of one per logged name. A disabled task logs
+    nothing rather than zeros; balancer telemetry names tasks as path segments (``grad_norm/<task>``,
+    ``cosine/<a>/<b>``), so the entries of disabled tasks are dropped too.
+    """
+    extras = [v.detach().float().reshape(1) for v in encoder_logs.values()]
+    stacked = torch.cat([loss.detach()[None], means.detach(), weights.detach(), *extras])
+    values = strategy.reduce(stacked, reduce_op="mean")  # by keyword: the second positional is the process group
+    logs = {"train/loss": values[0]}
+    n = len(tasks)
+    for i, name in enumerate(tasks):
+        if name in active:
+            logs[f"train/{name}/loss"] = values[1 + i]
+            logs[f"train/balance/weight/{name}"] = values[1 + n + i]
+    for j, key in enumerate(encoder_logs):
+        logs[f"train/encoder/{key}"] = values[1 + 2 * n + j]
+    off = set(tasks) - set(active)
+    logs.update({f"train/balance/{k}": v for k, v in balancer_logs.items() if not off & set(k.split("/"))})
+    return logs

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, distributed
+from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer
 from mtl_lightning.balancers.handover import hand_over, leaves_outside
 from mtl_lightning.balancers.telemetry import gramian_telemetry
 from mtl_lightning.errors import ConfigError
@@ -390,7 +390,7 @@ class GradientBalancer(Balancer):
 
     def _all_reduces(self) -> bool:
         """Whether this step shares its Gramian (and weights) across DDP ranks."""
-        return self.ddp_exact and distributed()
+        return self.ddp_exact and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _handed_over_parameters(self, inputs: BalanceInput, reps: Sequence[Tensor]) -> list[Tensor]:
         """The task parameters whose gradients this step takes with the per-task gradients and hands over, or [].
