@@ -3,7 +3,8 @@
 A tool that writes checkpoints the plain model cannot load as they are (compression rebuilds factorised or int8
 layers) records its changes under a top-level key and names a hook for that key. The module runs the hooks of the
 keys a checkpoint holds, so it never imports the tools: they come in through the ``mtl_lightning.checkpoint_hooks``
-entry-point group of their package (``pyproject.toml``), or by :func:`register` from code.
+entry-point group of their package (``pyproject.toml``), read when a checkpoint loads. No registry lives in this
+module: what is installed is what runs, in every process alike.
 """
 
 from __future__ import annotations
@@ -18,18 +19,10 @@ LoadHook = Callable[[nn.Module, dict[str, Any], bool], None]
 """``hook(model, checkpoint, fitting)``: change ``model`` (or refuse the checkpoint) before its weights load."""
 ENTRY_POINT_GROUP = "mtl_lightning.checkpoint_hooks"
 
-_registered: dict[str, LoadHook] = {}
-
-
-def register(key: str, hook: LoadHook) -> None:
-    """Run ``hook`` for every checkpoint that holds the top-level ``key``."""
-    _registered[key] = hook
-
 
 def hooks() -> dict[str, LoadHook]:
-    """The hooks by checkpoint key: those of installed packages' entry points, then those registered in code."""
-    found: dict[str, LoadHook] = {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return {**found, **_registered}
+    """The hooks of the installed packages' entry points, by the checkpoint key each handles."""
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def run_load_hooks(model: nn.Module, checkpoint: dict[str, Any], fitting: bool) -> None:

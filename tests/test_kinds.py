@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 from typing import ClassVar
@@ -153,3 +154,19 @@ def test_a_kind_defined_in_a_test_trains_predicts_and_logs_through_the_cli(tmp_p
 def test_missing_labels_follow_the_kinds_rule() -> None:
     assert SPECS["multiclass"].task_kind.missing_targets(SPECS["multiclass"], 2).tolist() == [IGNORE_INDEX] * 2
     assert SPECS["count"].task_kind.missing_targets(SPECS["count"], 2).isnan().all()
+
+
+def test_no_core_file_tests_a_kinds_name() -> None:
+    """What depends on a kind lives in its class: the core files never compare a spec's kind to a name."""
+    package = Path(__file__).resolve().parents[1] / "mtl_lightning"
+    core = ["module.py", "tasks.py", "targets.py", "losses.py", "metrics.py", "heads.py", "stage_metrics.py"]
+    core += ["export.py", "callbacks/prediction_writer.py", "data/synthetic.py", "data/sequences.py"]
+    names = "|".join(BUILTIN)
+    pattern = re.compile(rf"""(?<!dtype)\.kind\s*(==|!=|\bin\b|\bnot in\b)|["']({names})["']""")
+    offending = {
+        f"{path}:{i}": line.strip()
+        for path in core
+        for i, line in enumerate((package / path).read_text().splitlines(), 1)
+        if pattern.search(line)
+    }
+    assert not offending, offending

@@ -107,10 +107,16 @@ def test_static_weight_overrides_are_also_the_weights_of_the_evaluation_loss() -
 
 
 def test_checkpoint_hooks_run_for_the_keys_a_checkpoint_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtl_lightning.compression.checkpoint import on_load
+
+    assert checkpoint_hooks.hooks() == {"compression": on_load}  # this package's own entry point
     seen: list[tuple[str, bool]] = []
-    monkeypatch.setattr(checkpoint_hooks, "_registered", {})
-    checkpoint_hooks.register("acme", lambda model, ckpt, fitting: seen.append((ckpt["acme"], fitting)))
-    assert "compression" in checkpoint_hooks.hooks()  # this package's entry point
+    plugin = SimpleNamespace(
+        name="acme", load=lambda: lambda model, ckpt, fitting: seen.append((ckpt["acme"], fitting))
+    )
+    monkeypatch.setattr(
+        checkpoint_hooks, "entry_points", lambda group: [plugin] if group == "mtl_lightning.checkpoint_hooks" else []
+    )
     checkpoint_hooks.run_load_hooks(nn.Linear(1, 1), {"state_dict": {}, "acme": "v1"}, fitting=True)
     checkpoint_hooks.run_load_hooks(nn.Linear(1, 1), {"state_dict": {}}, fitting=False)
     assert seen == [("v1", True)]
