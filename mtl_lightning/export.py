@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning.callbacks.prediction_writer import check_writable
+from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.metrics import predictions
@@ -225,7 +226,7 @@ def _metadata(model: MultiTaskModule, outputs: str) -> dict[str, str]:
 def _quiet_export() -> Any:
     # The ONNX exporter logs a warning per torchvision op it cannot register when torchvision is absent: noise here.
     # And torch's pytree emits a FutureWarning of its own internals on every export.
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    logger = logging.getLogger(ONNX_REGISTRATION_LOGGER)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:

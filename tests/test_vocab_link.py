@@ -67,3 +67,11 @@ def test_the_saved_config_leaves_the_linked_value_to_the_data() -> None:
     saved = yaml.safe_load(cli.parser.dump(cli.config))
     assert "vocab_size" not in saved["model"]["init_args"]["encoder"]["init_args"]
     assert saved["data"]["init_args"]["vocab_size"] == 300
+
+
+def test_a_transformer_without_a_vocab_size_is_one_clear_error() -> None:
+    from mtl_lightning.encoders import TransformerEncoder
+    from mtl_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vocab_size is not set; use a data module with a vocab_size"):
+        TransformerEncoder((8,), None)  # type: ignore[arg-type]  # what the CLI passes when nothing links it

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from mtl_lightning.compat import child_schedulers
+from mtl_lightning.contracts import HasGradientMode
 from mtl_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class EncoderFinetuning(BaseFinetuning):
                 "parameters cannot change requires_grad after wrapping. Use a ddp preset, or drop the callback"
             )
         balancer = getattr(pl_module, "balancer", None)
-        if stage == "fit" and self.unfreeze_at_epoch != 0 and getattr(balancer, "mode", None) == "parameter":
+        parameter_mode = isinstance(balancer, HasGradientMode) and balancer.mode == "parameter"
+        if stage == "fit" and self.unfreeze_at_epoch != 0 and parameter_mode:
             raise ConfigError(
                 f"{type(balancer).__name__}(mode='parameter') takes gradients w.r.t. the encoder's parameters, which "
                 "EncoderFinetuning freezes for the first epochs; use the balancer's mode: representation, or "

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from mtl_lightning.compat import pruning_is_global, pruning_parameter_names, pruning_targets, set_pruning_targets
 from mtl_lightning.compression.report import SparsityRow, sparsity_report, sparsity_table
 from mtl_lightning.compression.selection import DEFAULT_PATTERNS, select_layers
 from mtl_lightning.errors import ConfigError
@@ -148,9 +149,8 @@ class ScheduledPruning(ModelPruning):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         layers = select_layers(pl_module, self.module_patterns, self.layer_types, "ScheduledPruning modules")
         self.layer_names = list(layers)
-        self._parameters_to_prune = [
-            (m, p) for m in layers.values() for p in self._parameter_names if getattr(m, p, None) is not None
-        ]
+        names = pruning_parameter_names(self)
+        set_pruning_targets(self, [(m, p) for m in layers.values() for p in names if getattr(m, p, None) is not None])
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             rank_zero_warn(
@@ -220,16 +220,17 @@ class ScheduledPruning(ModelPruning):
         Amounts are passed to ``torch.nn.utils.prune`` as integer counts of the still-unpruned units, which is
         exact (a fraction would be applied to the remaining units and rounded there).
         """
-        if target <= 0.0 or not self._parameters_to_prune:
+        targets = pruning_targets(self)
+        if target <= 0.0 or not targets:
             return
-        if self._use_global_unstructured:
-            counts = [self._units(m, n) for m, n in self._parameters_to_prune]
+        if pruning_is_global(self):
+            counts = [self._units(m, n) for m, n in targets]
             pruned, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
             extra = round(target * total) - pruned
             if extra > 0:
                 self.apply_pruning(extra)
             return
-        for module, name in self._parameters_to_prune:
+        for module, name in targets:
             pruned, total = self._units(module, name)
             extra = round(target * total) - pruned
             if extra > 0:

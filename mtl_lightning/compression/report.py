@@ -80,7 +80,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     int8 = 0
     for module in model.modules():
         if isinstance(module, nnqd.Linear):
-            weight, bias = module._weight_bias()
+            weight, bias = module.weight(), module.bias()
             int8 += weight.numel()
             floats += bias.numel() if bias is not None else 0
     return floats, int8

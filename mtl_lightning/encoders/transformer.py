@@ -178,7 +178,7 @@ class TransformerEncoder(nn.Module):
 
 def _check_args(
     input_shape: Sequence[int],
-    vocab_size: int,
+    vocab_size: int | None,
     d_model: int,
     num_layers: int,
     num_heads: int,
@@ -188,6 +188,11 @@ def _check_args(
     pad_id: int | None,
 ) -> None:
     """Raise one ConfigError naming the bad argument(s) and the fix."""
+    if vocab_size is None:  # neither linked from the data nor written in the config
+        raise ConfigError(
+            "TransformerEncoder: vocab_size is not set; use a data module with a vocab_size (the CLI links it into "
+            "the encoder, e.g. configs/data/sequences.yaml) or set model.init_args.encoder.init_args.vocab_size"
+        )
     problems = []
     if len(input_shape) != 1 or int(input_shape[0]) < 1:
         problems.append(
