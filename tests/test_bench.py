@@ -212,6 +212,7 @@ def _csv_runs(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # eleven short trainings: ~10 s on 2 quiet CPU cores
 def test_tiny_suite_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     suite = _write_suite(
         tmp_path,
