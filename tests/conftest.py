@@ -1,11 +1,15 @@
-"""Shared helpers: run the ``mtl`` CLI in-process from the repository root, with outputs in a temp folder."""
+"""Shared helpers: run the ``mtl`` CLI in-process from the repository root, with outputs in a temp folder; a world
+of one process for the distributed strategies."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from mtl_lightning.cli import MTLCLI, main
 
@@ -35,3 +39,22 @@ def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     # Config files name data paths relative to the repository root, where users run `mtl`.
     monkeypatch.chdir(REPO)
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def one_process_group(monkeypatch: pytest.MonkeyPatch):
+    """A world of one gloo process in this process (on a free port), destroyed afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    before = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in before.items():  # Lightning exports the rank variables; later tests must not see them
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -3,13 +3,10 @@ fitted and then tested in one process is not wrapped twice; compiled checkpoints
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, SMALL_DATA, run_cli
 from torch.distributed.fsdp import FSDPModule
 
@@ -44,25 +41,6 @@ def test_compiled_encoder_trains_tests_and_saves_eager_loadable_weights(tmp_path
 def _mlp_args(model: MultiTaskModule) -> dict:
     enc = model.hparams["encoder"]["init_args"]
     return {k: enc[k] for k in ("input_shape", "hidden", "dropout", "norm", "activation")}
-
-
-@pytest.fixture
-def one_process_group(monkeypatch: pytest.MonkeyPatch):
-    """A world of one gloo process in this process (on a free port), destroyed afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    before = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in before.items():  # Lightning exports the rank variables; later tests must not see them
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_fsdp2_fit_then_test_shards_once(tmp_path: Path, one_process_group: None) -> None:

@@ -177,6 +177,26 @@ def test_resumed_runs_continue_in_the_same_folder(runs: dict[str, Path]) -> None
         assert versions == ["version_0"], f"{run}: --ckpt_path last opened a new run folder: {versions}"
 
 
+# The default run's `fit` of the presets that start several processes, here in one process of one rank (two ranks
+# and two launchers are the integration tests above, which test_cli.py leaves these presets to).
+@pytest.mark.parametrize(
+    ("preset", "one_rank"),
+    [
+        ("ddp_cpu.yaml", ["--trainer.devices", "1"]),
+        ("fsdp2.yaml", ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]),
+        ("multinode.yaml", ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"]),
+    ],
+    ids=["ddp_cpu", "fsdp2", "multinode"],
+)
+def test_multi_process_presets_fit_in_one_process(
+    preset: str, one_rank: list[str], tmp_path: Path, one_process_group: None
+) -> None:
+    args = ["fit", "--config", str(QUICKSTART), "--trainer", str(TRAINER / preset), *one_rank, *SMALL_DATA]
+    cli = run_cli([*args, "--trainer.fast_dev_run", "2"], tmp_path)
+    assert cli.trainer.state.finished and cli.trainer.world_size == 1
+    assert type(cli.trainer.strategy).__name__ == {"fsdp2.yaml": "FSDP2Strategy"}.get(preset, "DDPStrategy")
+
+
 def test_ckpt_path_last_without_a_run_is_refused(tmp_path: Path) -> None:
     args = ["fit", "--config", str(QUICKSTART), "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path"]
     with pytest.raises(ConfigError, match=r"no run under .* has a checkpoints/last\.ckpt"):
