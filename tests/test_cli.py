@@ -307,6 +307,22 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_console_main_prints_one_line_and_exits_2_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # The default run's twin of the subprocess test above: the same entry point, in this process.
+    from mtl_lightning.cli import console_main
+
+    argv = ["mtl", "fit", "--config", str(QUICKSTART), "--data.init_args.tasks", "[{name: a, kind: nope}]"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        console_main()
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1].startswith("mtl: error: task 'a': unknown kind 'nope'")
+    assert "Traceback" not in stderr
+
+
 def test_monitor_that_is_never_logged_fails_before_training(tmp_path: Path) -> None:
     early_stopping = str(CONFIGS / "callbacks" / "early_stopping.yaml")
     args = ["fit", "--config", str(QUICKSTART), *SMALL_DATA, "--trainer.callbacks+", early_stopping]
