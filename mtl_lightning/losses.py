@@ -17,7 +17,6 @@ from torch import Tensor
 
 from mtl_lightning._imports import import_from_path
 from mtl_lightning.errors import ConfigError
-from mtl_lightning.targets import label_mask
 from mtl_lightning.tasks import TaskSpec
 
 LOSSES: dict[str, type[nn.Module]] = {
@@ -54,7 +53,7 @@ def masked_loss(loss_fn: nn.Module, spec: TaskSpec, output: Tensor, target: Tens
     ``output`` is the head's output in canonical shape, ``target`` the canonical target. The mean loss is
     ``sum / max(count, 1)``; keeping both lets epoch-level means weight every labelled row equally.
     """
-    mask = label_mask(spec, target)
+    mask = spec.task_kind.label_mask(spec, target)
     filled = torch.where(mask, target, torch.zeros((), dtype=target.dtype, device=target.device))
     if not spec.task_kind.integer_targets:
         filled = filled.to(output.dtype)

@@ -80,8 +80,10 @@ class TaskSpec:
                 f"(e.g. {self.name + '_task'!r})"
             )
         try:
-            kind = get_kind(self.kind)
-            self.num_outputs = kind.checked_num_outputs(self)
+            # Resolved once, into a plain attribute rather than a field (to_dict and comparisons see the kind's name
+            # only): the losses, metrics and heads read it on every step.
+            self._task_kind: TaskKind = get_kind(self.kind)
+            self.num_outputs = self._task_kind.checked_num_outputs(self)
         except KindError as err:
             message = str(err)
             raise TaskSpecError(message if message.startswith("task ") else f"task {self.name!r}: {message}") from err
@@ -101,7 +103,7 @@ class TaskSpec:
     @property
     def task_kind(self) -> TaskKind:
         """The kind object (:mod:`mtl_lightning.kinds`) that knows this task's targets, outputs and defaults."""
-        return get_kind(self.kind)
+        return self._task_kind
 
     @property
     def is_classification(self) -> bool:
