@@ -15,7 +15,6 @@ from torchmetrics import Metric, MetricCollection
 
 from mtl_lightning._imports import import_from_path
 from mtl_lightning.errors import ConfigError
-from mtl_lightning.kinds import BUILTIN, get_kind
 from mtl_lightning.kinds.classification import CLASSIFICATION_METRICS
 from mtl_lightning.kinds.count import COUNT_METRICS
 from mtl_lightning.kinds.regression import REGRESSION_METRICS
@@ -79,8 +78,3 @@ def metric_inputs(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tenso
 def metric_update(collection: MetricCollection, spec: TaskSpec, preds: Tensor, target: Tensor) -> None:
     """Update a task's metrics the way its kind says (e.g. R2 per output, the others on flattened values)."""
     spec.task_kind.metric_update(collection, spec, preds, target)
-
-
-def known_metric_names() -> dict[str, list[str]]:
-    """The short metric names of each built-in kind (for docs and did-you-mean messages)."""
-    return {name: sorted(get_kind(name).metric_table) for name in BUILTIN}
