@@ -44,4 +44,4 @@ def get_kind(name: str) -> TaskKind:
     return cls()
 
 
-__all__ = ["BUILTIN", "IGNORE_INDEX", "ConfigError", "KindError", "TargetError", "TaskKind", "get_kind"]
+__all__ = ["BUILTIN", "IGNORE_INDEX", "KindError", "TargetError", "TaskKind", "get_kind"]
