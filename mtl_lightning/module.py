@@ -279,12 +279,13 @@ class MultiTaskModule(LightningModule):
         # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
         # averaging gives exactly the single-process mean over the global batch, even when ranks hold different
         # numbers of labelled rows (or none) for a task; `present` is then the same on every rank.
-        world = self._world_size()
+        trainer = compat.attached_trainer(self)
+        world = 1 if trainer is None else trainer.world_size
         global_counts = counts if world == 1 else self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
         means = sums * world / global_counts.clamp_min(1)
         if self.check_finite and not bool(torch.isfinite(means).all()):
             raise_nonfinite(self.task_names, means, self.global_step)
-        log_now = log_this_step(compat.attached_trainer(self), self._log_every_train_step)
+        log_now = log_this_step(trainer, self._log_every_train_step)
         present = global_counts > 0
         result = self.balancer(
             BalanceInput(
