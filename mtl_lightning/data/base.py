@@ -133,6 +133,17 @@ class MultiTaskDataModule(LightningDataModule):
                     f"targets found: {sorted(ds.targets)}. Fix the task names or the data's target columns"
                 )
         check_targets(specs, ds.targets, n, f"the {split!r} split", values=True)
+        if split == "predict":
+            return  # predict data may legitimately come without labels
+        for name, target in ds.targets.items():
+            # A task with no label in a split still trains its head (train) and reports nan loss and metrics there.
+            kind = specs[name].task_kind
+            if not bool(kind.label_mask(specs[name], kind.canonical_target(specs[name], target)).any()):
+                raise DataError(
+                    f"task {name!r} has no labels in the {split!r} split (all {n} rows missing), so its loss and "
+                    f"metrics there would be nan: give that split rows labelled for {name!r} (fill its target "
+                    "column, or change the seed or split fractions) or remove the task"
+                )
 
     # ------------------------------------------------------------------------------------------- loaders
     def _distributed_sampler(self, ds: Dataset, shuffle: bool) -> DistributedSampler | None:

@@ -26,6 +26,7 @@ from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _MAX_SHOWN = 10  # values/columns quoted in an error message
+_MAX_CELLS = 5  # offending cells (place and value) quoted in an error message
 
 
 def _shown(values: Sequence[Any]) -> str:
@@ -113,10 +114,12 @@ class TabularDataModule(MultiTaskDataModule):
     and ``seed``) or one file per split (``train_path`` plus ``val_path`` and/or ``test_path``). Feature
     columns are encoded with train-split statistics only: numeric columns standardised (missing -> 0, the
     train mean), categorical columns one-hot over the sorted train categories (unseen or missing -> all
-    zeros). Targets follow each task's kind: binary 0/1 (or two distinct strings, mapped in sorted order),
-    multiclass class indices (or strings, mapped by the sorted train labels; see :attr:`class_names`),
-    multilabel one 0/1 column per label, regression one numeric column per output. Empty target cells are
-    missing labels (NaN, or -100 for multiclass).
+    zeros). Without ``categorical``, a column whose filled cells are mostly numbers but not all (a typo or a
+    missing-value marker such as ``?``) is refused, naming the cells, rather than one-hot encoded: fix the
+    cells, or list the column in ``categorical`` if it really is a category. Targets follow each task's kind:
+    binary 0/1 (or two distinct strings, mapped in sorted order), multiclass class indices (or strings, mapped
+    by the sorted train labels; see :attr:`class_names`), multilabel one 0/1 column per label, regression one
+    numeric column per output. Empty target cells are missing labels (NaN, or -100 for multiclass).
 
     After loading, :attr:`feature_names` names the input columns, :attr:`feature_stats` holds the train
     mean/std of each numeric column, :attr:`categories` the train categories of each categorical column,
@@ -130,8 +133,9 @@ class TabularDataModule(MultiTaskDataModule):
         val_path: The validation table (with ``train_path``).
         test_path: The test table (with ``train_path``); also used for ``predict``.
         features: Input columns; ``None`` takes every column that is neither a target nor in ``drop``.
-        categorical: Columns to one-hot encode; ``None`` takes the non-numeric ones (string, object, category
-            and bool columns).
+        categorical: Columns to one-hot encode (every other feature must be numeric); ``None`` takes the
+            non-numeric ones (string, object, category and bool columns), except that a column with more than
+            half of its filled cells numbers and some text is an error (see above).
         drop: Columns to ignore, such as identifiers (used when ``features`` is ``None``).
         target_columns: Task name -> target column, or list of columns for a multilabel or multi-output
             regression task (one per output); a task not listed uses the column named like the task.
@@ -278,6 +282,8 @@ class TabularDataModule(MultiTaskDataModule):
         frames, sources = self._read_splits()
         features = self._resolve_columns(frames, sources)
         train = frames["train"]
+        if self.categorical is None:  # an explicit list is the user's decision; only the automatic one guesses
+            self._check_text_in_numbers(frames, features, sources)
         categorical = self._fit_features(train, features, sources["train"])
         self._fit_targets(frames, sources)
         self._loaded = {
@@ -297,6 +303,13 @@ class TabularDataModule(MultiTaskDataModule):
         path = self.paths["all"]
         table = read_table(path)
         parts = split_indices(len(table), self.fractions, self.seed)
+        if len(parts[0]) == 0:
+            # Checked here, not only by _validate: fitting the encoding on no rows fails with misleading errors.
+            raise DataError(
+                f"the 'train' split is empty: {path!r} has {len(table)} row(s), and val_fraction="
+                f"{self.fractions[0]}, test_fraction={self.fractions[1]} take them all; give more rows or change "
+                f"the split fractions of {type(self).__name__}"
+            )
         frames, sources = {}, {}
         for split, rows in zip(("train", "val", "test"), parts, strict=True):
             kept = np.sort(rows.numpy())  # file order inside a split: easier to read and to join back
@@ -335,6 +348,70 @@ class TabularDataModule(MultiTaskDataModule):
         return features
 
     # ------------------------------------------------------------------------------------------ features
+    def _check_text_in_numbers(
+        self, frames: dict[str, pd.DataFrame], features: list[str], sources: dict[str, str]
+    ) -> None:
+        """Refuse feature columns whose filled cells, over all splits, are mostly numbers but partly text.
+
+        Read with a stray ``?`` or ``abc``, such a column has text dtype and would be silently one-hot encoded
+        over its distinct numbers; a column that is mostly text stays categorical.
+        """
+        flagged: dict[str, tuple[int, int, dict[str, np.ndarray]]] = {}  # column -> (text, filled, split -> mask)
+        for col in features:
+            if is_bool_dtype(frames["train"][col]):
+                continue  # bool columns are categorical by design
+            masks: dict[str, np.ndarray] = {}
+            filled = 0
+            for split, frame in frames.items():
+                column = frame[col]
+                present = column.notna().to_numpy()
+                filled += int(present.sum())
+                if not is_numeric_dtype(column) or is_bool_dtype(column):
+                    masks[split] = present & pd.to_numeric(column, errors="coerce").isna().to_numpy()
+            text = sum(int(m.sum()) for m in masks.values())
+            if 0 < text < filled - text:  # more number cells than text cells: the column is meant to be numeric
+                flagged[col] = (text, filled, masks)
+        if not flagged:
+            return
+        col, (text, filled, masks) = next(iter(flagged.items()))
+        cells = []  # (file key, position in the file, split, value), sorted into the order the user reads them
+        for order, (split, mask) in enumerate(masks.items()):
+            where = np.flatnonzero(mask)
+            positions = self._split_rows.get(split, np.arange(len(mask)))[where]
+            values = frames[split][col].to_numpy()[where]
+            key = 0 if self.single_file else order  # one file: its order; several: file by file
+            cells += [(key, int(p), split, v) for p, v in zip(positions, values, strict=True)]
+        cells.sort(key=lambda cell: cell[:2])
+        places = self._cell_places([(split, p, v) for _, p, split, v in cells[:_MAX_CELLS]], sources)
+        more = f" … ({text} in all)" if text > _MAX_CELLS else ""
+        train = frames["train"]
+        # The columns the automatic choice one-hot encodes (as _fit_features), plus this one.
+        suggest = [
+            c
+            for c in features
+            if c == col or (c not in flagged and (not is_numeric_dtype(train[c]) or is_bool_dtype(train[c])))
+        ]
+        others = f" (columns {sorted(set(flagged) - {col})} have the same problem)" if len(flagged) > 1 else ""
+        raise DataError(
+            f"feature column {col!r} is mostly numbers but {text} of its {filled} filled cells "
+            f"{'is' if text == 1 else 'are'} text: {places}{more}{others}. Fix those cells (leave a cell empty "
+            f"for a missing value), or, if {col!r} really is a category, set categorical: {suggest} (that list "
+            "replaces the automatic choice, so it names every column to one-hot encode)"
+        )
+
+    def _cell_places(self, cells: list[tuple[str, int, Any]], sources: dict[str, str]) -> str:
+        """``'f.csv' line 5 'abc', line 9 '?'``: cells as the user finds them (CSV lines count the header)."""
+        groups: dict[str, list[str]] = {}
+        for split, position, value in cells:
+            file = self.paths["all"] if self.single_file else self.paths.get(split)
+            if file is None:  # a subclass reading other files: name the source, count its rows from 0
+                groups.setdefault(sources[split], []).append(f"row {position} {value!r}")
+            elif Path(file).suffix.lower() in PARQUET_SUFFIXES:
+                groups.setdefault(repr(file), []).append(f"row {position} (from 0) {value!r}")
+            else:
+                groups.setdefault(repr(file), []).append(f"line {position + 2} {value!r}")  # line 1 is the header
+        return "; ".join(f"{file} {', '.join(places)}" for file, places in groups.items())
+
     def _fit_features(self, train: pd.DataFrame, features: list[str], source: str) -> set[str]:
         if self.categorical is None:
             categorical = {c for c in features if not is_numeric_dtype(train[c]) or is_bool_dtype(train[c])}
@@ -379,7 +456,10 @@ class TabularDataModule(MultiTaskDataModule):
         for col in features:
             if col in categorical:
                 index = {c: i for i, c in enumerate(self._categories[col])}
-                codes = np.array([index.get(s, -1) if s is not None else -1 for s in _as_strings(frame[col])])
+                # int64 even when the split has no rows: an empty float array cannot index the block.
+                codes = np.array(
+                    [index.get(s, -1) if s is not None else -1 for s in _as_strings(frame[col])], dtype=np.int64
+                )
                 block = np.zeros((len(frame), len(index)), dtype=np.float32)
                 known = codes >= 0
                 block[np.flatnonzero(known), codes[known]] = 1.0
