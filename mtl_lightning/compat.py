@@ -58,6 +58,35 @@ def attached_trainer(module: LightningModule) -> Trainer | None:
     return getattr(module, "_trainer", None)
 
 
+def save_last_checkpoint(callback: Any, trainer: Trainer) -> None:
+    """Have a ModelCheckpoint write its ``last`` checkpoint now, named and linked as it would itself.
+
+    Private: ``ModelCheckpoint._save_last_checkpoint`` and ``_monitor_candidates``; Lightning has no public "save last
+    now", and writing the file by hand would miss its naming (``last-v1``, ``{epoch}`` templates) and its state.
+    """
+    try:
+        save, candidates = callback._save_last_checkpoint, callback._monitor_candidates
+    except AttributeError as err:
+        raise InternalsMoved(moved("lightning", "ModelCheckpoint._save_last_checkpoint/_monitor_candidates")) from err
+    save(trainer, candidates(trainer))
+
+
+def every_n_train_steps(callback: Any) -> int:
+    """A ModelCheckpoint's ``every_n_train_steps`` (private ``_every_n_train_steps``; 0 if it moves: never due)."""
+    return int(getattr(callback, "_every_n_train_steps", 0) or 0)
+
+
+def last_time_checked(callback: Any) -> float | None:
+    """When a ModelCheckpoint's ``train_time_interval`` clock last fired (private ``_last_time_checked``)."""
+    value = getattr(callback, "_last_time_checked", None)
+    return None if value is None else float(value)
+
+
+def saves_on_train_epoch_end(callback: Any, trainer: Trainer) -> bool:
+    """Whether a ModelCheckpoint saves at train epoch end rather than validation end (private decision method)."""
+    return bool(callback._should_save_on_train_epoch_end(trainer))
+
+
 def set_model_parallel_sizes(strategy: ModelParallelStrategy, data_parallel: int, tensor_parallel: int) -> None:
     """Set the device mesh sizes of a ``ModelParallelStrategy`` once the devices and nodes are known.
 

@@ -11,15 +11,33 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mtl_lightning import errors
+from mtl_lightning.callbacks.checkpoint import ModelCheckpoint
+from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
 from mtl_lightning.launch_checks import check_trainer_config
 from mtl_lightning.resume import resolve_last, resumed_config_name
 
 # The encoder's vocab_size, linked from the data module's ``vocab_size`` (token data): written once, in the data.
 ENCODER_VOCAB_SIZE = "model.init_args.encoder.init_args.vocab_size"
+
+
+def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
+    """The run's callbacks, set up so that ``last.ckpt`` is the newest state and a resume is exact.
+
+    Every plain Lightning ``ModelCheckpoint`` becomes :class:`mtl_lightning.callbacks.ModelCheckpoint` (a subclass
+    that adds no arguments and no state, so changing the class of the built object is safe), and a
+    :class:`~mtl_lightning.callbacks.resume_state.RandomStateCheckpoint` is added unless the config has one.
+    """
+    for callback in callbacks:
+        if type(callback) is LightningModelCheckpoint:
+            callback.__class__ = ModelCheckpoint
+    if not any(isinstance(c, RandomStateCheckpoint) for c in callbacks):
+        callbacks = [*callbacks, RandomStateCheckpoint()]
+    return callbacks
 
 
 class MTLCLI(LightningCLI):
@@ -53,7 +71,8 @@ class MTLCLI(LightningCLI):
         callbacks = kwargs.get("callbacks", config.get("callbacks"))
         callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
+            callbacks = [*callbacks, RichProgressBar(refresh_rate=10)]
+        kwargs["callbacks"] = with_resume_callbacks(callbacks)
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.loaders import epoch_sampler, resumable_loader
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.targets import check_targets
 from mtl_lightning.tasks import TaskSpec, parse_tasks
@@ -146,31 +147,46 @@ class MultiTaskDataModule(LightningDataModule):
                 )
 
     # ------------------------------------------------------------------------------------------- loaders
-    def _distributed_sampler(self, ds: Dataset, shuffle: bool) -> DistributedSampler | None:
-        """This rank's sampler under a distributed strategy, honouring ``shuffle`` (None on one process).
+    def _replicas(self) -> tuple[int, int]:
+        """(num_replicas, rank) of the data-parallel group, from the strategy ((1, 0) on one process or outside a
+        Trainer, e.g. a loader built by hand)."""
+        kwargs = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
 
-        Lightning would add a DistributedSampler itself, but it always shuffles the training set; with
-        ``shuffle=False`` a run on W processes then sees other batches than one process does. A sampler that is
-        already a DistributedSampler is left alone by Lightning (and given ``set_epoch`` every epoch).
-        """
-        trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
-        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
-        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
-            return None
-        return DistributedSampler(ds, shuffle=shuffle, seed=self.seed, **kwargs)
+    def _current_epoch(self) -> int:
+        """The epoch the training loader is built for: the number of epochs the fit loop has processed (restored from
+        the checkpoint on resume), which is what Lightning passes to ``set_epoch``; 0 outside a Trainer."""
+        progress = getattr(getattr(self.trainer, "fit_loop", None), "epoch_progress", None)
+        return int(progress.current.processed) if progress is not None else 0
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.datasets[split]
-        sampler = self._distributed_sampler(ds, shuffle) if split == "train" else None
+        collate = collate_batch if isinstance(ds, MultiTaskTensorDataset) else default_collate
+        if split == "train":
+            # Always a DistributedSampler, also on one process: Lightning leaves one alone (its own always shuffles,
+            # so with shuffle=False W processes would see other batches than one process), calls its set_epoch, and
+            # its order depends only on the seeds and the epoch, which an exact resume needs (data/loaders.py).
+            num_replicas, rank = self._replicas()
+            sampler = epoch_sampler(ds, shuffle, self.seed, num_replicas, rank)
+            return resumable_loader(
+                ds,
+                sampler,
+                self.seed,
+                self.batch_size,
+                collate,
+                self.num_workers,
+                self.pin_memory,
+                self.persistent_workers,
+                self._current_epoch(),
+            )
         return DataLoader(
             ds,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=collate_batch if isinstance(ds, MultiTaskTensorDataset) else default_collate,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

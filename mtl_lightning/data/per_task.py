@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default
 
 from mtl_lightning.data.base import SPLITS, DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset, collate_batch
+from mtl_lightning.data.loaders import resumable_loader
 from mtl_lightning.data.sampling import (
     EvalBatchSampler,
     Part,
@@ -490,15 +491,21 @@ class PerTaskDataModule(MultiTaskDataModule):
         return dict(zip(sizes, p.tolist(), strict=True))
 
     # ------------------------------------------------------------------------------------------- loaders
-    def _replicas(self) -> tuple[int, int]:
-        """(num_replicas, rank) of the data-parallel group, from the strategy (1, 0 on one process)."""
-        trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
-        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
-
     def _per_task_loader(self, dataset: Dataset, sampler: TaskBatchSampler | EvalBatchSampler) -> DataLoader:
         # batch_size=None: each sampler item is a whole batch (see mtl_lightning/data/sampling.py for why the
-        # sampler is the loader's `sampler`, not its `batch_sampler`).
+        # sampler is the loader's `sampler`, not its `batch_sampler`). Training resumes mid-epoch (data/loaders.py).
+        if isinstance(sampler, TaskBatchSampler):
+            return resumable_loader(
+                dataset,
+                sampler,
+                self.seed,
+                None,
+                collate_batch,
+                self.num_workers,
+                self.pin_memory,
+                self.persistent_workers,
+                self._current_epoch(),
+            )
         return DataLoader(
             dataset,
             batch_size=None,
