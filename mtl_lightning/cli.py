@@ -147,14 +147,17 @@ def main(args: ArgsType = None) -> MTLCLI:
         subclass_mode_data=True,
         args=args,
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        # Parse errors raised (jsonargparse.ArgumentError), not printed with the usage: the console script makes each
+        # one line (mtl_lightning/console.py). Subcommand parsers inherit it; --help and --print_config still exit 0.
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
     )
 
 
 def console_main() -> None:
-    """Console-script entry point (``mtl``): like :func:`main`, but bad input ends with one line and exit code 2."""
-    try:
-        main()
-    except errors.ConfigError as err:
-        print(f"mtl: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Console-script entry point (``mtl``): like :func:`main`, but bad input ends with one line and exit code 2.
+
+    The translation of errors into that line is :func:`mtl_lightning.console.run`; ``MTL_DEBUG=1`` keeps tracebacks.
+    """
+    from mtl_lightning import console
+
+    raise SystemExit(console.run())
