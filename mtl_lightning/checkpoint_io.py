@@ -47,6 +47,7 @@ __all__ = [
     "load_checkpoint_file",
     "newest_loadable",
     "remove_stale_temporaries",
+    "translate_load_error",
 ]
 
 
@@ -249,7 +250,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except Exception as err:
-            translated = _translate_load_error(checked, err)
+            translated = translate_load_error(checked, err)
             if translated is None:
                 raise
         # Outside the except block: torch's message, chained as the context, tells users to retry with
@@ -391,7 +392,7 @@ def _first_sentence(text: str) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
-def _translate_load_error(path: Path, error: BaseException) -> CheckpointError | None:
+def translate_load_error(path: Path, error: BaseException) -> CheckpointError | None:
     """A CheckpointError for a failure of torch.load on ``path`` that the user can act on, or None."""
     message = str(error)
     damaged: str | None = None
@@ -435,7 +436,7 @@ def load_checkpoint_file(
     try:
         checkpoint = torch.load(checked, map_location=map_location, weights_only=weights_only)
     except Exception as err:
-        translated = _translate_load_error(checked, err)
+        translated = translate_load_error(checked, err)
         if translated is None:
             raise
     else:

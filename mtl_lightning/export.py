@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning.callbacks.prediction_writer import check_writable
+from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
 from mtl_lightning.errors import ConfigError
@@ -81,15 +82,17 @@ class TaskOutputs(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(ckpt_path: str) -> MultiTaskModule:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise ExportError(f"checkpoint {ckpt_path!r} {what} (looked for {path.resolve()}); give --ckpt_path FILE.ckpt")
+    path = check_checkpoint(ckpt_path)  # missing, empty, truncated, not a checkpoint: one line naming the file
+    if path.is_dir():
+        raise ExportError(f"checkpoint {ckpt_path!r} is a directory, not a file; give --ckpt_path FILE.ckpt")
     try:
         model = MultiTaskModule.load_from_checkpoint(path, map_location="cpu")
     except ConfigError:
         raise
     except Exception as err:
+        translated = translate_load_error(path, err)
+        if translated is not None:
+            raise translated from None
         raise ExportError(
             f"could not load {ckpt_path!r} as a MultiTaskModule checkpoint: {type(err).__name__}: {err}"
         ) from err

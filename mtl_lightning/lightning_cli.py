@@ -8,19 +8,34 @@ still works (the name is resolved on first use).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from mtl_lightning import errors
 from mtl_lightning.callbacks.checkpoint import ModelCheckpoint
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
+from mtl_lightning.callbacks.run_folder import RemoveFailedRunFolder
+from mtl_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint, load_checkpoint_file, translate_load_error
+from mtl_lightning.cli_checks import (
+    UNTRAINED,
+    check_same_tasks,
+    explicit_model_keys,
+    incompatible_shapes,
+    require_checkpoint,
+    root_dir_into_logger,
+)
 from mtl_lightning.launch_checks import check_trainer_config
-from mtl_lightning.resume import resolve_last, resumed_config_name
+from mtl_lightning.resume import lock_run, resolve_last, resumed_config_name
 
+# ckpt_path values that Lightning resolves itself (no file to check before the trainer exists).
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 # The encoder's vocab_size, linked from the data module's ``vocab_size`` (token data): written once, in the data.
 ENCODER_VOCAB_SIZE = "model.init_args.encoder.init_args.vocab_size"
 
@@ -53,14 +68,64 @@ class MTLCLI(LightningCLI):
         # configs with other encoders or other data are untouched.
         parser.link_arguments("data.vocab_size", ENCODER_VOCAB_SIZE, apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # Kept to tell the model options typed on the command line from those of config files (_parse_ckpt_path).
+        self._argv: list[str] = (
+            [str(a) for a in (sys.argv[1:] if args is None else args)]
+            if not isinstance(args, (dict, Namespace))
+            else []
+        )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the checkpoint's hyper-parameters replace the model config. Here the file is checked first
+        (one line for a broken one), and model options typed on the command line are kept, not silently replaced;
+        :meth:`_check_overrides` refuses the ones the checkpoint's weights do not fit."""
+        subcommand = self.config.get("subcommand")
+        self._overrides: dict[str, tuple[Any, Any]] = {}
+        self._tasks_from_checkpoint = False
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in (*_LIGHTNING_CKPT_NAMES, UNTRAINED):
+            return
+        path = check_checkpoint(ckpt_path)
+        given = {k: config.get(k) for k in explicit_model_keys(self._argv) if k in config}
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            translated = translate_load_error(path, err)
+            if translated is None:
+                raise
+            raise translated from None
+        config = self.config[subcommand]
+        self._tasks_from_checkpoint = config.get("model.init_args.tasks") is not None
+        for key, value in given.items():
+            if config.get(key) != value:
+                self._overrides[key] = (value, config.get(key))
+                config[key] = value
+
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config)
+        subcommand = str(self.subcommand)
+        config = self.config.get(subcommand, self.config)
         trainer = config.get("trainer")
         if trainer is None:
             return
+        root_dir_into_logger(trainer)
         check_trainer_config(trainer)
+        if self.subcommand is not None:
+            config["ckpt_path"] = require_checkpoint(
+                subcommand, config.get("ckpt_path"), config.get("model.init_args.init_from")
+            )
+        check_same_tasks(
+            config.get("model.init_args.tasks"),
+            config.get("data.init_args.tasks"),
+            "checkpoint" if self._tasks_from_checkpoint else "model",
+        )
         resumed = resolve_last(trainer, config.get("ckpt_path"))
         if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
+            self._run_lock = lock_run(resumed)
             self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -73,7 +138,15 @@ class MTLCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, RichProgressBar(refresh_rate=10)]
         kwargs["callbacks"] = with_resume_callbacks(callbacks)
-        return super().instantiate_trainer(**kwargs)
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints are never half-written
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        # The folder this run will log to, decided now (before the logger creates it) so a failure can remove it.
+        trainer_callbacks: list[Any] = getattr(trainer, "callbacks")  # noqa: B009 (a property mypy cannot see)
+        trainer_callbacks.append(RemoveFailedRunFolder(trainer.log_dir if trainer.loggers else None))
+        return trainer
 
     def instantiate_classes(self) -> None:
         ours: errors.ConfigError | None = None
@@ -89,6 +162,25 @@ class MTLCLI(LightningCLI):
             # or while handling) as it is, instead of making the report its context.
             raise ours
         self._check_vocab_size()
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        """Command-line model options that differ from the checkpoint's are used only if its weights fit them."""
+        overrides = getattr(self, "_overrides", {})
+        if not overrides:
+            return
+        ckpt_path = self.config[str(self.subcommand)].get("ckpt_path")
+        weights = load_checkpoint_file(ckpt_path, weights_only=True).get("state_dict", {})
+        mismatched = incompatible_shapes(weights, self.model.state_dict())
+        if mismatched:
+            options = "; ".join(
+                f"--{k} {given!r} (the checkpoint has {saved!r})" for k, (given, saved) in overrides.items()
+            )
+            raise errors.ConfigError(
+                f"the checkpoint's weights do not fit the model built with {options}: {mismatched[0]}"
+                f"{f' and {len(mismatched) - 1} more' if len(mismatched) > 1 else ''}; drop the option (the "
+                "checkpoint's value is used) or give a checkpoint trained with it"
+            )
 
     def _check_vocab_size(self) -> None:
         """An encoder vocab_size written by hand as well as linked from the data must agree (the link wins)."""

@@ -11,11 +11,13 @@ stops with an error instead of starting over.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+from mtl_lightning.checkpoint_io import check_checkpoint
 from mtl_lightning.errors import ConfigError
 
 # Loggers whose log folder is <save_dir>/<name>/version_<N> (or <version> when given).
@@ -73,7 +75,8 @@ def resolve_last(trainer: MutableMapping[str, Any], ckpt_path: str | None) -> Pa
             f"--ckpt_path last: no run under {root}/ has a checkpoints/last.ckpt to resume from; start without "
             "--ckpt_path, or give the checkpoint's path (ModelCheckpoint needs save_last: true to write last.ckpt)"
         )
-    version, _ = found
+    version, last = found
+    check_checkpoint(last)  # a truncated last.ckpt: one line naming the newest checkpoint of the run that loads
     logger["version"] = int(version[len("version_") :]) if re.fullmatch(r"version_\d+", version) else version
     return root / version
 
@@ -84,3 +87,33 @@ def resumed_config_name(run: Path) -> str:
     while (run / f"config.resume{i}.yaml").exists():
         i += 1
     return f"config.resume{i}.yaml"
+
+
+def _is_launching_process() -> bool:
+    """Whether this is the first process of the run (DDP children and other ranks have a rank in the environment)."""
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def lock_run(run: Path) -> Any:
+    """Hold ``<run>/.mtl.lock`` for the life of this process, or refuse with the pid of the process that holds it.
+
+    Two resumes of one run would write the same checkpoints and TensorBoard steps, and one would end with the
+    other's model in its "best" file. The lock is an OS file lock (``filelock``), so a killed holder releases it.
+    Only the launching process takes it: the ranks it starts run inside its lock.
+    """
+    if not _is_launching_process():
+        return None
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(run / ".mtl.lock", timeout=0)
+    holder_file = run / ".mtl.lock.pid"
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = holder_file.read_text().strip() if holder_file.exists() else "another process"
+        raise ConfigError(
+            f"run {run} is in use by process {holder} (another `mtl fit --ckpt_path last` of it?); wait for it to end "
+            "or stop it, or start a new run without --ckpt_path last"
+        ) from None
+    holder_file.write_text(f"{os.getpid()}\n")
+    return lock

@@ -122,7 +122,8 @@ def test_every_config_parses_for_validate_test_and_predict(extra: list[str], cap
 def test_every_config_runs_all_subcommands(extra: list[str], tmp_path: Path) -> None:
     base = _config_args(extra)
     for sub in ("fit", "validate", "test", "predict"):
-        cli = run_cli([sub, *base], tmp_path / sub)
+        ckpt = [] if sub == "fit" else ["--ckpt_path", str(next((tmp_path / "fit").rglob("*.ckpt")))]
+        cli = run_cli([sub, *base, *ckpt], tmp_path / sub)
         assert cli.trainer.state.finished, f"{sub} did not finish"
         if sub == "predict":
             preds = cli.trainer.predict_loop.predictions

@@ -14,6 +14,7 @@ from conftest import CONFIGS, QUICKSTART, run_cli
 from mtl_lightning import MultiTaskModule, TaskSpec
 from mtl_lightning import export as ex
 from mtl_lightning.callbacks.prediction_writer import OutputPathError
+from mtl_lightning.errors import ConfigError
 
 # Exported and eager float32 outputs differ by rounding only (fused/reordered kernels): about 1e-7 measured on these
 # models, so 1e-5 leaves a wide margin while any wrong op, weight or output order is off by far more.
@@ -135,7 +136,7 @@ def test_config_with_other_tasks_names_them(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_and_unwritable_output(ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ex.ExportError, match=r"checkpoint '.*nope.ckpt' does not exist"):
+    with pytest.raises(ConfigError, match=r"checkpoint .*nope.ckpt does not exist"):
         ex.main(["--ckpt_path", str(tmp_path / "nope.ckpt"), "--output", str(tmp_path / "m.onnx")])
     blocker = tmp_path / "file"
     blocker.write_text("x")

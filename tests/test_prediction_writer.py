@@ -23,6 +23,8 @@ WRITER = str(CONFIGS / "callbacks" / "prediction_writer.yaml")
 DATA = ["--data.init_args.num_samples", "1530", "--data.init_args.eval_batch_size", "32"]
 PREDICT_ROWS = 153
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+# These tests check the file layout, not predictions of a trained model: the untrained one is asked for on purpose.
+UNTRAINED = [*QUIET, "--ckpt_path", "untrained"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,14 @@ def test_default_output_goes_to_the_root_dir(ckpt: Path, tmp_path: Path) -> None
 
 def test_tabular_rows_and_class_names_join_back_to_the_file(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    args = ["predict", "--config", str(QUICKSTART), "--data", str(CONFIGS / "data" / "tabular_example.yaml"), *QUIET]
+    args = [
+        "predict",
+        "--config",
+        str(QUICKSTART),
+        "--data",
+        str(CONFIGS / "data" / "tabular_example.yaml"),
+        *UNTRAINED,
+    ]
     cli = run_cli([*args, "--trainer.callbacks+", WRITER, "--trainer.callbacks.output_path", str(out)], tmp_path)
     frame = pd.read_csv(out)
     dm = cli.datamodule
@@ -182,7 +191,7 @@ def test_tabular_rows_and_class_names_join_back_to_the_file(tmp_path: Path) -> N
 def test_per_task_data_names_the_task_of_each_row(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     data = ["--data", str(CONFIGS / "data" / "per_task_example.yaml"), "--data.init_args.eval_batch_size", "64"]
-    args = ["predict", "--config", str(QUICKSTART), *data, *QUIET]
+    args = ["predict", "--config", str(QUICKSTART), *data, *UNTRAINED]
     cli = run_cli([*args, "--trainer.callbacks+", WRITER, "--trainer.callbacks.output_path", str(out)], tmp_path)
     frame = pd.read_csv(out)
     sizes = cli.datamodule.datasets["predict"].sizes

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from mtl_lightning.checkpoint_io import load_checkpoint_file
 from mtl_lightning.compression.lowrank import restore_svd
 from mtl_lightning.compression.quantize import quiet_deprecations, restore_quantized
 from mtl_lightning.errors import ConfigError
@@ -40,11 +41,8 @@ _DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``path`` (tensors on CPU), or a ConfigError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path}")
     with quiet_deprecations():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path} is not a Lightning checkpoint (it has no 'state_dict')")
     return checkpoint

@@ -23,6 +23,7 @@ The global random states themselves (torch, CUDA, numpy, Python) are saved and r
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,19 +67,22 @@ def resumable_loader(
 ) -> StatefulDataLoader:
     """A ``StatefulDataLoader`` over ``sampler`` with its own base-seed generator (see the module docstring).
 
-    ``epoch`` is the epoch the loader starts in (the trainer's ``current_epoch``): on resume the loader fast-forwards
+    ``epoch`` is the epoch the loader starts in (the number of epochs the fit loop has processed): on resume the loader fast-forwards
     its sampler as soon as Lightning creates its iterator, before Lightning's own ``set_epoch`` of that epoch, so the
     sampler must already be in the resumed epoch's order.
     """
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
-    return StatefulDataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
-        collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(sampler_seed(seed)),
-    )
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which recent torch deprecates, on every loader it builds: noise.
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(sampler_seed(seed)),
+        )
