@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -46,3 +47,40 @@ class ExitAtEpoch(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             os._exit(17)
+
+
+class KillAfterStep(Callback):
+    """``kill -9`` of this process (every rank kills itself) right after training step ``step``: whatever the
+    checkpoints before it wrote is all a resume has."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: object, **kwargs: object) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseAfterStep(Callback):
+    """Stop the run with an exception right after training step ``step`` (an in-process stand-in for a kill)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: object, **kwargs: object) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"interrupted after step {trainer.global_step}")
+
+
+class WorsenFromEpoch(Callback):
+    """From epoch ``epoch`` on, add noise to every weight before validation, so that the validation loss gets worse
+    than its best and a monitored checkpoint stops improving."""
+
+    def __init__(self, epoch: int, scale: float = 1.0):
+        self.epoch, self.scale = epoch, scale
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch >= self.epoch and not trainer.sanity_checking:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.add_(torch.randn_like(p) * self.scale)
