@@ -344,7 +344,9 @@ def test_checkpoint_with_other_tasks_is_refused(trained: dict, tmp_path: Path) -
         "--ckpt_path",
         str(trained["ckpt"].best_model_path),
     ]
-    with pytest.raises(ValueError, match=r"checkpoint was trained for tasks \[purchase .*segment .*\] but the data declares"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint was trained for tasks \[purchase .*segment .*\] but the data declares"
+    ):
         run_cli(args, tmp_path)
 
 

@@ -10,12 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 
 from mtl_lightning import console
+from mtl_lightning.callbacks.run_folder import FAILED
+from mtl_lightning.cli import main
 from mtl_lightning.errors import ConfigError
 
 # Small runs for the cases that get as far as the Trainer, writing (if anything) under {tmp}/runs.
@@ -29,11 +32,14 @@ FILES = {
     "typo_trainer.yaml": "trainer:\n  max_epoch: 1\n",
     "typo_model.yaml": "model:\n  init_args:\n    encoder:\n      init_args:\n        hiddn: [3]\n",
     "typo_group.yaml": "traner:\n  max_epochs: 1\n",
+    "model_tasks.yaml": "model:\n  init_args:\n    tasks:\n      - {name: purchase, kind: binary}\n",
 }
 QUICK = str(CONFIGS / "quickstart.yaml")
 EARLY_STOPPING_BOGUS_MODE = ["--trainer.callbacks.monitor", "val/loss", "--trainer.callbacks.mode", "bogus"]
 MISSING_CSV = ["--data.init_args.path", "{tmp}/missing.csv"]
 IN = "{tmp}/inputs"
+TABULAR = str(CONFIGS / "data" / "tabular_example.yaml")
+CUSTOMERS = (REPO / "mtl_lightning" / "data" / "examples" / "customers.csv").read_text().splitlines()
 
 # (arguments of `mtl`, what the line must name). "{tmp}" is the test's tmp_path.
 CATALOGUE = [
@@ -199,16 +205,109 @@ CATALOGUE = [
         ["{tmp}/missing.ckpt"],
         id="checkpoint-missing",
     ),
+    # Runs that would silently drop or replace what the user gave, and checkpoints that do not load
+    # (tests/test_trustworthy_runs.py tests each mechanism; here: one line, exit 2, nothing written).
+    pytest.param(["predict", *RUNS], ["mtl predict needs trained weights", "--ckpt_path"], id="predict-untrained"),
+    pytest.param(["test", *RUNS], ["mtl test needs trained weights"], id="test-untrained"),
+    pytest.param(
+        ["validate", "--ckpt_path", f"{IN}/empty.ckpt", *RUNS], ["empty.ckpt is empty (0 bytes)"], id="ckpt-empty"
+    ),
+    pytest.param(
+        ["test", "--ckpt_path", f"{IN}/truncated.ckpt", *RUNS],
+        ["truncated.ckpt is truncated or not a checkpoint", "--ckpt_path", "good.ckpt"],
+        id="ckpt-truncated",
+    ),
+    pytest.param(
+        ["predict", "--ckpt_path", f"{IN}/random.ckpt", *RUNS],
+        ["random.ckpt is not a PyTorch checkpoint"],
+        id="ckpt-random",
+    ),
+    pytest.param(["test", "--ckpt_path", IN, *RUNS], [f"{IN} is a directory, not a checkpoint"], id="ckpt-directory"),
+    pytest.param(
+        ["fit", "--ckpt_path", "last", *RUNS],
+        ["--ckpt_path last: no run under {tmp}/runs/quickstart"],
+        id="no-run-to-resume",
+    ),
+    pytest.param(
+        ["test", "--ckpt_path", f"{IN}/good.ckpt", "--data.init_args.tasks", "[{name: purchase, kind: binary}]", *RUNS],
+        ["checkpoint was trained for tasks [purchase", "but the data declares [purchase (binary, 1 outputs)]"],
+        id="ckpt-other-tasks",
+    ),
+    pytest.param(
+        ["test", "--ckpt_path", f"{IN}/good.ckpt", "--model.init_args.encoder.init_args.hidden", "[8]", *RUNS],
+        ["--model.init_args.encoder.init_args.hidden [8] (the checkpoint has [16])", "drop the option"],
+        id="ckpt-incompatible-option",
+    ),
+    pytest.param(
+        ["fit", "--config", QUICK, "--config", f"{IN}/model_tasks.yaml", *RUNS],
+        ["model.init_args.tasks [purchase (binary, 1 outputs)] differ from data.init_args.tasks"],
+        id="model-tasks-differ",
+    ),
+    pytest.param(
+        ["fit", "--data", TABULAR, "--data.init_args.path", f"{IN}/text_in_numbers.csv", *TINY, *RUNS],
+        ["feature column 'age' is mostly numbers", "'abc'"],
+        id="text-in-numeric-column",
+    ),
+    pytest.param(
+        ["fit", "--data", TABULAR, "--data.init_args.path", f"{IN}/no_churn_labels.csv", *TINY, *RUNS],
+        ["task 'churned' has no labels in the 'train' split"],
+        id="task-without-labels",
+    ),
+    pytest.param(
+        ["fit", "--data", TABULAR, "--data.init_args.path", f"{IN}/three_rows.csv", *TINY, *RUNS],
+        ["split is empty"],
+        id="table-too-small",
+    ),
 ]
 
 
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the quickstart's tasks with a small encoder (hidden [16]), trained for a few steps."""
+    root = tmp_path_factory.mktemp("good")
+    args = [
+        "fit",
+        "--model.init_args.encoder.init_args.hidden",
+        "[16]",
+        *TINY,
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    cli = main([*args, "--trainer.logger.init_args.save_dir", str(root), "--trainer.default_root_dir", str(root)])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def _customers(rows: int, cell: Callable[[int, int, str], str] = lambda row, col, value: value) -> str:
+    """The example customers table, its first ``rows`` rows, each cell through ``cell(row, column, value)``."""
+    lines = [CUSTOMERS[0]]
+    for row, line in enumerate(CUSTOMERS[1 : rows + 1]):
+        lines.append(",".join(cell(row, col, value) for col, value in enumerate(line.split(","))))
+    return "\n".join(lines) + "\n"
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory (tmp/cwd) with the cases' config files beside it (tmp/inputs)."""
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good_checkpoint: Path) -> Path:
+    """An empty working directory (tmp/cwd) with the cases' files beside it (tmp/inputs)."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for name, text in FILES.items():
         (inputs / name).write_text(text, encoding="utf-8")
+    good = good_checkpoint.read_bytes()
+    for name, content in {
+        "good.ckpt": good,
+        "truncated.ckpt": good[: len(good) // 2],
+        "empty.ckpt": b"",
+        "random.ckpt": os.urandom(4096),
+    }.items():
+        (inputs / name).write_bytes(content)
+    age, churned = CUSTOMERS[0].split(",").index("age"), CUSTOMERS[0].split(",").index("churned")
+    (inputs / "text_in_numbers.csv").write_text(
+        _customers(300, lambda row, col, value: "abc" if col == age and row in (3, 9) else value)
+    )
+    (inputs / "no_churn_labels.csv").write_text(
+        _customers(300, lambda row, col, value: "" if col == churned else value)
+    )
+    (inputs / "three_rows.csv").write_text(_customers(3))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -225,6 +324,7 @@ def test_user_error_is_one_line_and_exit_code_2(
     args: list[str], named: list[str], workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tmp = workdir.parent
+    inputs = sorted((tmp / "inputs").iterdir())
     code = console.run(_filled(args, tmp))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("mtl: error:")]
@@ -234,6 +334,11 @@ def test_user_error_is_one_line_and_exit_code_2(
     for text in _filled(named, tmp):
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     assert not list(workdir.iterdir()), "the failed command left files in the working directory"
+    assert not list((tmp / "runs").rglob("*.ckpt")), "the failed command left a checkpoint behind"
+    # A run folder is left only by a run that trained some steps (nan-loss), and then marked as failed.
+    for version in (tmp / "runs").glob("*/version_*"):
+        assert (version / FAILED).read_text().startswith("FloatingPointError"), f"{version} left unmarked"
+    assert sorted((tmp / "inputs").iterdir()) == inputs, "the failed command wrote beside its inputs"
 
 
 def test_debug_variable_keeps_the_exception_and_its_chain(

@@ -214,32 +214,34 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _checkpoints(root / "runs") / "best.ckpt"
 
 
-def _eval(sub: str, ckpt: Path | str | None, *extra: str) -> list[str]:
-    args = [sub, "--config", str(QUICKSTART), *SMALL[:4], "--trainer.logger", "false", *extra]
+def _eval(sub: str, ckpt: Path | str | None, root: Path, *extra: str) -> list[str]:
+    # No logger: the saved config goes to default_root_dir, never the working directory.
+    args = [sub, "--config", str(QUICKSTART), *SMALL[:4], "--trainer.logger", "false"]
+    args += ["--trainer.callbacks", "[]", "--trainer.default_root_dir", str(root), *extra]
     return [*args, "--ckpt_path", str(ckpt)] if ckpt is not None else args
 
 
 @pytest.mark.parametrize("sub", ["validate", "test", "predict"])
-def test_evaluating_without_a_checkpoint_is_refused(sub: str) -> None:
+def test_evaluating_without_a_checkpoint_is_refused(sub: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"mtl {sub} needs trained weights: give --ckpt_path"):
-        main(_eval(sub, None))
+        main(_eval(sub, None, tmp_path))
 
 
 def test_untrained_is_evaluated_only_when_asked_for(tmp_path: Path) -> None:
-    cli = main(_eval("validate", "untrained", "--trainer.default_root_dir", str(tmp_path)))
+    cli = main(_eval("validate", "untrained", tmp_path))
     assert cli.trainer.state.finished
 
 
-def test_compatible_command_line_model_options_apply_with_a_checkpoint(trained: Path) -> None:
-    cli = main(_eval("validate", trained, "--model.init_args.check_finite", "false"))
+def test_compatible_command_line_model_options_apply_with_a_checkpoint(trained: Path, tmp_path: Path) -> None:
+    cli = main(_eval("validate", trained, tmp_path, "--model.init_args.check_finite", "false"))
     assert cli.model.check_finite is False  # the checkpoint has True: the command line wins
 
 
-def test_incompatible_command_line_model_options_are_refused(trained: Path) -> None:
+def test_incompatible_command_line_model_options_are_refused(trained: Path, tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"--model\.init_args\.encoder\.init_args\.hidden \[32\] \(the checkpoint has"
     ):
-        main(_eval("test", trained, "--model.init_args.encoder.init_args.hidden", "[32]"))
+        main(_eval("test", trained, tmp_path, "--model.init_args.encoder.init_args.hidden", "[32]"))
 
 
 def test_a_checkpoint_of_other_tasks_is_refused(trained: Path, tmp_path: Path) -> None:
@@ -248,7 +250,7 @@ def test_a_checkpoint_of_other_tasks_is_refused(trained: Path, tmp_path: Path) -
         "data:\n  init_args:\n    tasks:\n      - {name: purchase, kind: binary}\n      - {name: spend, kind: regression}\n"
     )
     with pytest.raises(ConfigError, match=r"checkpoint was trained for tasks \[purchase .*segment"):
-        main(_eval("test", trained, "--config", str(cfg)))
+        main(_eval("test", trained, tmp_path, "--config", str(cfg)))
 
 
 def test_model_tasks_that_differ_from_the_data_are_refused(tmp_path: Path) -> None:
@@ -274,7 +276,7 @@ def test_a_broken_checkpoint_is_named_with_what_is_wrong(
     else:
         bad.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2] if content is None else content)
     with pytest.raises(CheckpointError, match=problem) as err:
-        main(_eval("test", bad))
+        main(_eval("test", bad, tmp_path))
     assert "weights_only=False" not in str(err.value)
 
 

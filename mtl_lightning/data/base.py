@@ -107,10 +107,18 @@ class MultiTaskDataModule(LightningDataModule):
         if self._datasets is None:
             datasets: dict[str, Dataset | None] = dict(self.build_datasets())
             datasets.setdefault("predict", datasets.get("test"))
-            self._datasets = {k: v for k, v in datasets.items() if v is not None}
-            for split, ds in self._datasets.items():
+            built = {k: v for k, v in datasets.items() if v is not None}
+            for split, ds in built.items():
                 self._validate(split, ds)
+            self._datasets = built  # only once valid: a later access must not skip a check that failed
         return self._datasets
+
+    def __repr__(self) -> str:
+        # LightningDataModule's __str__ builds every data loader and hides their errors; jsonargparse formats the
+        # data module while it links it into the model, which read the whole data set and swallowed a failed check.
+        return f"{type(self).__name__}(tasks={[t.name for t in self.tasks]})"
+
+    __str__ = __repr__
 
     def setup(self, stage: str) -> None:
         for split in _STAGE_SPLITS.get(stage, ()):
