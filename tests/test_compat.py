@@ -57,6 +57,33 @@ def test_should_update_logs_logs_every_step_when_the_attribute_is_gone() -> None
     assert compat.should_update_logs(object()) is True  # type: ignore[arg-type]
 
 
+def test_model_checkpoint_internals() -> None:
+    # mtl_lightning.callbacks.ModelCheckpoint overrides _save_last_checkpoint and asks these to write last.ckpt.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = ModelCheckpoint(every_n_train_steps=3, save_last=True)
+    for name in ("_save_last_checkpoint", "_monitor_candidates", "_should_save_on_train_epoch_end"):
+        canary(callable(getattr(callback, name, None)), "lightning", f"ModelCheckpoint.{name}")
+    canary(
+        list(inspect.signature(callback._save_last_checkpoint).parameters) == ["trainer", "monitor_candidates"],
+        "lightning",
+        "ModelCheckpoint._save_last_checkpoint(trainer, monitor_candidates)",
+    )
+    canary(hasattr(callback, "_last_time_checked"), "lightning", "ModelCheckpoint._last_time_checked")
+    assert compat.every_n_train_steps(callback) == 3
+    trainer = _trainer()
+    assert isinstance(compat.saves_on_train_epoch_end(callback, trainer), bool)
+
+
+def test_lightning_cli_parses_the_checkpoint_in_a_hook() -> None:
+    # MTLCLI overrides LightningCLI._parse_ckpt_path (check the file, keep command-line model options).
+    from lightning.pytorch.cli import LightningCLI
+
+    canary(callable(getattr(LightningCLI, "_parse_ckpt_path", None)), "lightning", "LightningCLI._parse_ckpt_path")
+    source = inspect.getsource(LightningCLI.__init__)
+    canary("self._parse_ckpt_path()" in source, "lightning", "LightningCLI.__init__ calling _parse_ckpt_path")
+
+
 def test_attached_trainer() -> None:
     from lightning.pytorch import LightningModule
 

@@ -341,3 +341,21 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path: Path) -> No
     with pytest.raises(ConfigError):
         main([*_fit(tmp_path / "fresh"), "--config", str(cfg)])
     assert not (tmp_path / "fresh").exists()
+
+
+def test_training_order_follows_the_data_seed_and_the_run_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtl_lightning.data.loaders import epoch_sampler, sampler_seed
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")
+    seeds = {sampler_seed(0), sampler_seed(1)}
+    monkeypatch.setenv("PL_GLOBAL_SEED", "43")
+    seeds |= {sampler_seed(0), sampler_seed(1)}
+    assert len(seeds) == 4
+    order = list(epoch_sampler(range(100), shuffle=True, seed=0))  # type: ignore[arg-type]
+    assert order == list(epoch_sampler(range(100), shuffle=True, seed=0))  # type: ignore[arg-type]
+    assert order != list(range(100)) and sorted(order) == list(range(100))
+
+
+def test_only_the_launching_process_takes_the_run_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: it runs inside the launcher's lock
+    assert lock_run(tmp_path) is None and not (tmp_path / ".mtl.lock").exists()
