@@ -7,6 +7,9 @@ The CLI finds our error in the chain with :func:`find_config_error` and shows it
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class ConfigError(ValueError):
     """Base class of the template's input errors; the message names the problem and the fix."""
@@ -29,3 +32,13 @@ def find_config_error(error: BaseException) -> ConfigError | None:
             return current
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return None
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are ConfigErrors (one line ``mtl: error: ...``), not a usage dump and exit.
+
+    For the commands with their own parser (``mtl export``, ``mtl compress``); ``--help`` is unchanged.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")

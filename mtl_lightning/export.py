@@ -44,7 +44,7 @@ from mtl_lightning.callbacks.prediction_writer import check_writable
 from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
-from mtl_lightning.errors import ConfigError
+from mtl_lightning.errors import ConfigError, OneLineArgumentParser
 from mtl_lightning.metrics import predictions
 from mtl_lightning.module import MultiTaskModule
 from mtl_lightning.tasks import TaskSpec
@@ -330,7 +330,7 @@ def check_export(model: MultiTaskModule, fmt: str, path: Path, example: Tensor, 
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="mtl export",
         description="Export a trained multi-task model (encoder and all heads) to ONNX or torch.export (.pt2), "
         "with one named output per task.",

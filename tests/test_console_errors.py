@@ -207,6 +207,12 @@ CATALOGUE = [
     ),
     # Runs that would silently drop or replace what the user gave, and checkpoints that do not load
     # (tests/test_trustworthy_runs.py tests each mechanism; here: one line, exit 2, nothing written).
+    pytest.param(
+        ["export", "--format", "onnx"],
+        ["mtl export: the following arguments are required: --ckpt_path"],
+        id="export-usage",
+    ),
+    pytest.param(["compress", "report", "--nope"], ["mtl compress report:", "--ckpt_path"], id="compress-usage"),
     pytest.param(["predict", *RUNS], ["mtl predict needs trained weights", "--ckpt_path"], id="predict-untrained"),
     pytest.param(["test", *RUNS], ["mtl test needs trained weights"], id="test-untrained"),
     pytest.param(

@@ -25,11 +25,11 @@ from mtl_lightning.compression.lowrank import DEFAULT_SVD_PATTERNS, apply_svd, s
 from mtl_lightning.compression.quantize import quantize_model
 from mtl_lightning.compression.report import markdown_table, parameter_counts, sparsity_report, sparsity_table
 from mtl_lightning.compression.selection import DEFAULT_PATTERNS
-from mtl_lightning.errors import ConfigError
+from mtl_lightning.errors import ConfigError, OneLineArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtl compress", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="mtl compress", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="dynamic int8 quantisation of Linear layers (CPU inference)")
