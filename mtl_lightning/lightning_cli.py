@@ -121,7 +121,7 @@ class MTLCLI(LightningCLI):
         check_same_tasks(
             config.get("model.init_args.tasks"),
             config.get("data.init_args.tasks"),
-            "checkpoint" if self._tasks_from_checkpoint else "model",
+            "checkpoint" if getattr(self, "_tasks_from_checkpoint", False) else "model",
         )
         resumed = resolve_last(trainer, config.get("ckpt_path"))
         if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
