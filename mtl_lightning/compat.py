@@ -38,6 +38,26 @@ def moved(library: str, what: str) -> str:
     return f"{library} {installed_version(library)} no longer has {what}; update mtl_lightning/compat.py"
 
 
+# ------------------------------------------------------------------------------------------ argparse (stdlib)
+def parser_actions(parser: Any) -> list[Any]:
+    """The actions (options) of an argparse/jsonargparse parser: private ``_actions``, argparse has no public list.
+
+    Used by the one-line errors to suggest keys (mtl_lightning/console.py); if it moves, no suggestion is made.
+    """
+    return list(getattr(parser, "_actions", []))
+
+
+def subcommand_parsers(parser: Any) -> dict[str, Any]:
+    """``{name: parser}`` of a parser's subcommands (private ``argparse._SubParsersAction``), empty if none."""
+    import argparse
+
+    kind = getattr(argparse, "_SubParsersAction", None)
+    for action in parser_actions(parser):
+        if kind is not None and isinstance(action, kind):
+            return dict(action.choices)
+    return {}
+
+
 # ------------------------------------------------------------------------------------------------- Lightning
 def should_update_logs(trainer: Trainer) -> bool:
     """Whether Lightning's loggers receive the values logged on this training step (``log_every_n_steps``).

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl_lightning import errors
+from mtl_lightning import compat, errors
 
 PREFIX = "mtl: error: "
 DEBUG_ENV = "MTL_DEBUG"
@@ -278,15 +278,12 @@ def _refusing_parser(leaf: BaseException, args: list[str]) -> Any:
 
 
 def _subcommand_parsers(parser: Any) -> dict[str, Any]:
-    for action in getattr(parser, "_actions", []):
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+    return compat.subcommand_parsers(parser)
 
 
 def _keys_of(parser: Any) -> list[str]:
     """The keys a parser accepts (its actions' destinations), without the ``help`` ones."""
-    keys = (getattr(a, "dest", "") for a in getattr(parser, "_actions", []))
+    keys = (getattr(a, "dest", "") for a in compat.parser_actions(parser))
     return [k for k in keys if k and k != argparse.SUPPRESS and k != "help" and not k.endswith(".help")]
 
 

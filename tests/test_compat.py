@@ -84,6 +84,17 @@ def test_lightning_cli_parses_the_checkpoint_in_a_hook() -> None:
     canary("self._parse_ckpt_path()" in source, "lightning", "LightningCLI.__init__ calling _parse_ckpt_path")
 
 
+def test_argparse_actions_and_subcommands() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha")
+    sub = parser.add_subparsers().add_parser("fit")
+    canary(hasattr(argparse, "_SubParsersAction"), "python", "argparse._SubParsersAction")
+    assert "alpha" in [a.dest for a in compat.parser_actions(parser)]
+    assert compat.subcommand_parsers(parser) == {"fit": sub}
+
+
 def test_attached_trainer() -> None:
     from lightning.pytorch import LightningModule
 
