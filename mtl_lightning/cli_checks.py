@@ -56,16 +56,26 @@ def check_same_tasks(model_tasks: Any, data_tasks: Any, source: str) -> None:
     """
     if model_tasks is None or data_tasks is None:
         return
-    given, declared = parse_tasks(_plain(model_tasks)), parse_tasks(_plain(data_tasks))
-    if given == declared:
-        return
+    model_list, data_list = _plain(model_tasks), _plain(data_tasks)
+    if any(isinstance(t, str) for t in [*model_list, *data_list]):
+        # Task names that the data module resolves into specs itself (census-income's `[income]`): names only.
+        given_names = [t if isinstance(t, str) else t.get("name") for t in model_list]
+        declared_names = [t if isinstance(t, str) else t.get("name") for t in data_list]
+        if given_names == declared_names:
+            return
+        given_text, declared_text = ", ".join(map(str, given_names)), ", ".join(map(str, declared_names))
+    else:
+        given, declared = parse_tasks(model_list), parse_tasks(data_list)
+        if given == declared:
+            return
+        given_text, declared_text = _names(given), _names(declared)
     if source == "checkpoint":
         raise ConfigError(
-            f"the checkpoint was trained for tasks [{_names(given)}] but the data declares [{_names(declared)}]; "
+            f"the checkpoint was trained for tasks [{given_text}] but the data declares [{declared_text}]; "
             "evaluate it on data with the same tasks, or give a checkpoint of these tasks"
         )
     raise ConfigError(
-        f"model.init_args.tasks [{_names(given)}] differ from data.init_args.tasks [{_names(declared)}]; tasks are "
+        f"model.init_args.tasks [{given_text}] differ from data.init_args.tasks [{declared_text}]; tasks are "
         "declared once, in the data section (the CLI links them into the model): remove them from the model section"
     )
 

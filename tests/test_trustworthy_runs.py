@@ -359,3 +359,11 @@ def test_training_order_follows_the_data_seed_and_the_run_seed(monkeypatch: pyte
 def test_only_the_launching_process_takes_the_run_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the launcher started: it runs inside the launcher's lock
     assert lock_run(tmp_path) is None and not (tmp_path / ".mtl.lock").exists()
+
+
+def test_task_names_a_data_module_resolves_are_compared_by_name() -> None:
+    from mtl_lightning.cli_checks import check_same_tasks
+
+    check_same_tasks([{"name": "income", "kind": "binary"}], ["income"], "checkpoint")  # census-income's `[income]`
+    with pytest.raises(ConfigError, match=r"trained for tasks \[income\] but the data declares \[college\]"):
+        check_same_tasks([{"name": "income", "kind": "binary"}], ["college"], "checkpoint")
