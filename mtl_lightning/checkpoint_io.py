@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mtl_lightning.errors import ConfigError
+from mtl_lightning.errors import ConfigError, exception_chain
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION
@@ -135,19 +135,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    """``error`` and its causes and contexts, each once."""
-    seen: list[BaseException] = []
-    pending = [error]
-    while pending:
-        current = pending.pop(0)
-        if any(current is s for s in seen):
-            continue
-        seen.append(current)
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    return seen
-
-
 def _size(n: int) -> str:
     if n < 1000:
         return f"{n} bytes"
@@ -203,7 +190,7 @@ def _write_atomically(checkpoint: dict[str, Any], destination: Path) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             temporary.unlink()
-        chain = _chain(err)
+        chain = list(exception_chain(err))
         if not isinstance(err, KeyboardInterrupt) and any(isinstance(e, KeyboardInterrupt) for e in chain):
             # torch.save turns a Ctrl-C inside a write into a RuntimeError; keep it an interrupt for Lightning.
             raise KeyboardInterrupt from err

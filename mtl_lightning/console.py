@@ -25,7 +25,7 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +105,8 @@ def error_line(exc: BaseException, argv: Sequence[str] | None = None) -> str | N
 
 
 # ----------------------------------------------------------------------------------------------- the chain
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what it was raised from or while handling, breadth first, each once (a chain may loop)."""
-    seen: set[int] = set()
-    pending = [exc]
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-
-
 def _find(exc: BaseException, test: Any) -> BaseException | None:
-    return next((e for e in _chain(exc) if test(e)), None)
+    return next((e for e in errors.exception_chain(exc) if test(e)), None)
 
 
 def _loaded(names: Sequence[tuple[str, str]]) -> tuple[type, ...]:
@@ -178,7 +165,7 @@ class _Report:
         self.union: str | None = None  # the Union report about the deepest key itself (its types)
         self.leaf: BaseException = exc
         previous = None
-        for error in _chain(exc):
+        for error in errors.exception_chain(exc):
             self.leaf = error
             text = str(error).strip()
             if text == previous:

@@ -8,6 +8,7 @@ The CLI finds our error in the chain with :func:`find_config_error` and shows it
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import NoReturn
 
 
@@ -15,11 +16,11 @@ class ConfigError(ValueError):
     """Base class of the template's input errors; the message names the problem and the fix."""
 
 
-def find_config_error(error: BaseException) -> ConfigError | None:
-    """The ConfigError nearest to ``error`` in its chain of causes and contexts (``error`` itself first), or None.
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what it was raised from (``__cause__``) or while handling (``__context__``), breadth first.
 
-    Breadth first, the explicit ``__cause__`` before the implicit ``__context__``, so the error our code chose to
-    raise last wins over ones it was handling. Each exception is visited once: a chain may contain a cycle.
+    The explicit cause comes before the implicit context, so the error our code chose to raise last is met first.
+    Each exception is visited once: a chain may contain a cycle.
     """
     seen: set[int] = set()
     pending: list[BaseException] = [error]
@@ -28,10 +29,13 @@ def find_config_error(error: BaseException) -> ConfigError | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, ConfigError):
-            return current
+        yield current
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    return None
+
+
+def find_config_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError nearest to ``error`` in its chain (:func:`exception_chain`, ``error`` itself first), or None."""
+    return next((e for e in exception_chain(error) if isinstance(e, ConfigError)), None)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

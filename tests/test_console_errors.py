@@ -19,7 +19,7 @@ from conftest import CONFIGS, REPO
 from mtl_lightning import console
 from mtl_lightning.callbacks.run_folder import FAILED
 from mtl_lightning.cli import main
-from mtl_lightning.errors import ConfigError
+from mtl_lightning.errors import ConfigError, exception_chain
 
 # Small runs for the cases that get as far as the Trainer, writing (if anything) under {tmp}/runs.
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
@@ -354,7 +354,7 @@ def test_debug_variable_keeps_the_exception_and_its_chain(
     with pytest.raises(Exception) as caught:
         console.run(["fit", "--model.init_args.encoder.class_path", "mtl_lightning.encoders.MLPEncodr"])
     # The whole chain, down to the error that started it, is there for Python to print.
-    assert any(isinstance(e, AttributeError) for e in _chain(caught.value))
+    assert any(isinstance(e, AttributeError) for e in exception_chain(caught.value))
     assert "mtl: error:" not in capsys.readouterr().err
 
 
@@ -421,18 +421,6 @@ def test_console_main_exits_with_run_s_code(monkeypatch: pytest.MonkeyPatch, wor
     with pytest.raises(SystemExit) as exit_:
         cli.console_main()
     assert exit_.value.code == 2
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    pending = [exc]
-    while pending:
-        current = pending.pop(0)
-        if any(current is s for s in seen):
-            continue
-        seen.append(current)
-        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
-    return seen
 
 
 def _mtl_script() -> str:
