@@ -142,6 +142,11 @@ class MTLCLI(LightningCLI):
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints are never half-written
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if config.get("logger") is False:
+            # Without a logger Lightning would save the run's config.yaml into default_root_dir (the working
+            # directory by default), and refuse every later run there because the file exists: no run folder, no
+            # config to keep.
+            self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         # The folder this run will log to, decided now (before the logger creates it) so a failure can remove it.
         trainer_callbacks: list[Any] = getattr(trainer, "callbacks")  # noqa: B009 (a property mypy cannot see)

@@ -367,3 +367,10 @@ def test_task_names_a_data_module_resolves_are_compared_by_name() -> None:
     check_same_tasks([{"name": "income", "kind": "binary"}], ["income"], "checkpoint")  # census-income's `[income]`
     with pytest.raises(ConfigError, match=r"trained for tasks \[income\] but the data declares \[college\]"):
         check_same_tasks([{"name": "income", "kind": "binary"}], ["college"], "checkpoint")
+
+
+def test_a_run_without_a_logger_writes_no_config_into_its_root(tmp_path: Path) -> None:
+    args = [*_eval("validate", "untrained", tmp_path)]
+    main(args)
+    main(args)  # a second run in the same place is not refused because of the first one's config.yaml
+    assert not (tmp_path / "config.yaml").exists()
