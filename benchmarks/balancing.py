@@ -16,6 +16,8 @@ Sides, all timed in the same rounds:
 - every class exported by ``mtl_lightning.balancers`` that subclasses ``Balancer``, built with its defaults
   (loss-weighting ones added later are picked up; classes that fail to build or to run a step are listed as skipped
   with the reason); gradient methods in representation mode (their default);
+- gradient methods with two implementations of their weighting (``impl: fast | torchjd``) also with the one that
+  is not their default, as "Method (impl=...)";
 - gradient methods that have a parameter mode, as ``Method(mode="parameter")`` (its default Gramian, one T-batched
   backward to the encoder's parameters), and UPGrad also as ``UPGrad(mode="parameter", gramian="autogram")``;
 - TorchJD's own recipes on the same encoder and heads, with TorchJD's ``UPGrad``: ``mtl_backward(losses, features=z)``
@@ -292,6 +294,10 @@ def build_sides(num_tasks: int, args: argparse.Namespace, skipped: list[Skipped]
             continue
         kind = "representation" if issubclass(cls, GradientBalancer) else "loss"
         candidates.append((name, kind, cls))
+        impl = inspect.signature(cls).parameters.get("impl")
+        if impl is not None:  # the method's other implementation of its weighting (fast | torchjd)
+            other = "torchjd" if impl.default == "fast" else "fast"
+            candidates.append((f"{name} (impl={other})", kind, functools.partial(cls, impl=other)))
         if not args.no_parameter_mode and has_parameter_mode(cls):
             candidates.append((f"{name} (parameter)", "parameter", functools.partial(cls, mode="parameter")))
             if name == "UPGrad":

@@ -8,7 +8,8 @@ naming the ``pip install`` that adds it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -33,7 +34,45 @@ def _build(name: str, factory: Callable[..., Aggregator], *args: Any, **kwargs: 
         ) from err
 
 
-class MGDA(GradientBalancer):
+Impl = Literal["fast", "torchjd"]
+IMPLS: tuple[str, ...] = ("fast", "torchjd")
+
+
+class _FastOrTorchJD(GradientBalancer):
+    """A Gramian method with two implementations of its weighting: ``impl: fast``, vectorised in this
+    project (``balancers/fast_*.py``, tested against TorchJD's on the same Gramians), or ``impl: torchjd``, TorchJD's
+    own, which stays the reference. They differ only in speed (docs/benchmarks.md) and in rounding."""
+
+    def __init__(
+        self,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
+        impl: Impl = "fast",
+    ):
+        super().__init__(mode, ddp_exact, telemetry, gramian)
+        if impl not in IMPLS:
+            raise ConfigError(f"{type(self).__name__}: unknown impl {impl!r}; choose one of {list(IMPLS)}")
+        self.impl = impl
+
+    def fast_weighting(self) -> torch.nn.Module:
+        """The in-project weighting (``impl: fast``)."""
+        raise NotImplementedError
+
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
+        """TorchJD's aggregator of the method (``impl: torchjd``)."""
+        raise NotImplementedError
+
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
+        if self.impl == "torchjd":
+            return self.torchjd_aggregator(num_tasks)
+        # GradientBalancer.bind takes an aggregator's Gramian weighting: here the in-project one, and no TorchJD
+        # aggregator is built (UPGrad/DualProj's would need the quadprog solver installed).
+        return cast("Aggregator", SimpleNamespace(gramian_weighting=self.fast_weighting()))
+
+
+class MGDA(_FastOrTorchJD):
     """Multiple-gradient descent: the min-norm point of the convex hull of the task gradients (Sener & Koltun 2018)."""
 
     def __init__(
@@ -44,19 +83,30 @@ class MGDA(GradientBalancer):
         ddp_exact: bool = True,
         telemetry: bool = True,
         gramian: GramianMethod = "batched",
+        impl: Impl = "fast",
     ):
-        super().__init__(mode, ddp_exact, telemetry, gramian)
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
         self.epsilon, self.max_iters = epsilon, max_iters
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
 
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_mgda import FastMGDAWeighting
 
-class PCGrad(GradientBalancer):
+        return FastMGDAWeighting(epsilon=self.epsilon, max_iters=self.max_iters)
+
+
+class PCGrad(_FastOrTorchJD):
     """Projecting conflicting gradients onto each other's normal planes (Yu et al. 2020)."""
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().PCGrad()
+
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_pcgrad import FastPCGradWeighting
+
+        return FastPCGradWeighting()
 
 
 class CAGrad(GradientBalancer):
@@ -143,18 +193,66 @@ class AlignedMTL(GradientBalancer):
         return _torchjd_aggregation().AlignedMTL(scale_mode=self.scale_mode)
 
 
-class UPGrad(GradientBalancer):
-    """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024)."""
+class UPGrad(_FastOrTorchJD):
+    """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024).
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    ``impl: torchjd`` is the default: the batched solver (``impl: fast``, which needs no quadprog) pays off on a CPU
+    only from about 40 tasks (docs/benchmarks.md).
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
+        impl: Impl = "torchjd",
+    ):
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
+
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("UPGrad", _torchjd_aggregation().UPGrad)
 
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_projection import FastUPGradWeighting
 
-class DualProj(GradientBalancer):
-    """Projection of the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."""
+        return FastUPGradWeighting()
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+
+class DualProj(_FastOrTorchJD):
+    """Projection of the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024).
+
+    ``impl: torchjd`` is the default, as for :class:`UPGrad`: one small QP is no faster batched on a CPU.
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "representation",
+        ddp_exact: bool = True,
+        telemetry: bool = True,
+        gramian: GramianMethod = "batched",
+        impl: Impl = "torchjd",
+    ):
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
+
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("DualProj", _torchjd_aggregation().DualProj)
+
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_projection import FastDualProjWeighting
+
+        return FastDualProjWeighting()
+
+
+def _fast_impls() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """``{method: (TorchJD's weighting, the in-project one)}`` for the benchmark and the tests, built on call."""
+    tjd = _torchjd_aggregation()
+    return {
+        "PCGrad": (lambda: tjd.PCGrad().gramian_weighting, lambda: PCGrad().fast_weighting()),
+        "MGDA": (lambda: tjd.MGDA().gramian_weighting, lambda: MGDA().fast_weighting()),
+        "UPGrad": (lambda: tjd.UPGrad().gramian_weighting, lambda: UPGrad(impl="fast").fast_weighting()),
+        "DualProj": (lambda: tjd.DualProj().gramian_weighting, lambda: DualProj(impl="fast").fast_weighting()),
+    }
 
 
 class NashMTL(GradientBalancer):
