@@ -130,6 +130,7 @@ def test_dtype_device_and_no_graph_preserved(name: str, dtype: torch.dtype) -> N
     assert w.dtype == dtype and w.device == J.device and not w.requires_grad
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_cuda_matches_torchjd(name: str) -> None:
