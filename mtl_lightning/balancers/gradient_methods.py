@@ -193,12 +193,8 @@ class AlignedMTL(GradientBalancer):
         return _torchjd_aggregation().AlignedMTL(scale_mode=self.scale_mode)
 
 
-class UPGrad(_FastOrTorchJD):
-    """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024).
-
-    ``impl: torchjd`` is the default: the batched solver (``impl: fast``, which needs no quadprog) pays off on a CPU
-    only from about 40 tasks (docs/benchmarks.md).
-    """
+class _TorchJDByDefault(_FastOrTorchJD):
+    """A method whose in-project weighting is not the faster one on a CPU: ``impl: torchjd`` by default."""
 
     def __init__(
         self,
@@ -209,6 +205,14 @@ class UPGrad(_FastOrTorchJD):
         impl: Impl = "torchjd",
     ):
         super().__init__(mode, ddp_exact, telemetry, gramian, impl)
+
+
+class UPGrad(_TorchJDByDefault):
+    """Unconflicting projection of gradients: non-conflicting with every task (Quinton & Rey 2024).
+
+    ``impl: torchjd`` is the default: the batched solver (``impl: fast``, which needs no quadprog) pays off on a CPU
+    only from about 40 tasks (docs/benchmarks.md).
+    """
 
     def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("UPGrad", _torchjd_aggregation().UPGrad)
@@ -219,21 +223,11 @@ class UPGrad(_FastOrTorchJD):
         return FastUPGradWeighting()
 
 
-class DualProj(_FastOrTorchJD):
+class DualProj(_TorchJDByDefault):
     """Projection of the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024).
 
     ``impl: torchjd`` is the default, as for :class:`UPGrad`: one small QP is no faster batched on a CPU.
     """
-
-    def __init__(
-        self,
-        mode: Mode = "representation",
-        ddp_exact: bool = True,
-        telemetry: bool = True,
-        gramian: GramianMethod = "batched",
-        impl: Impl = "torchjd",
-    ):
-        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
 
     def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("DualProj", _torchjd_aggregation().DualProj)
