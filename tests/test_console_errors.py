@@ -303,7 +303,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good_checkpoint: Pa
         "good.ckpt": good,
         "truncated.ckpt": good[: len(good) // 2],
         "empty.ckpt": b"",
-        "random.ckpt": os.urandom(4096),
+        "random.ckpt": b"\x00" + os.urandom(4095),  # not 0x80: that first byte reads as a (damaged) pickle
     }.items():
         (inputs / name).write_bytes(content)
     age, churned = CUSTOMERS[0].split(",").index("age"), CUSTOMERS[0].split(",").index("churned")

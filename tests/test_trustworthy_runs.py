@@ -264,7 +264,12 @@ def test_model_tasks_that_differ_from_the_data_are_refused(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [(b"", "is empty"), (os.urandom(5000), "not a PyTorch checkpoint"), (None, "truncated"), ("dir", "is a directory")],
+    [
+        (b"", "is empty"),
+        (b"\x00" + os.urandom(4999), "not a PyTorch checkpoint"),
+        (None, "truncated"),
+        ("dir", "is a directory"),
+    ],
     ids=["empty", "random-bytes", "truncated", "directory"],
 )
 def test_a_broken_checkpoint_is_named_with_what_is_wrong(
