@@ -3,6 +3,7 @@ of one process for the distributed strategies."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -27,6 +28,25 @@ QUIET_TRAINER = [
     "--trainer.enable_progress_bar",
     "false",
 ]
+
+
+# A launcher's or an outer run's variables, which would make a subprocess join (or wait for) a process group.
+_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: no inherited ranks or Lightning seeds, ``tests/`` importable (for
+    ``mp_callbacks``), one thread per process (two ranks on two cores), gloo on loopback."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+def mp_callback(name: str, **init_args: object) -> list[str]:
+    """``--trainer.callbacks+`` of the ``tests/mp_callbacks.py`` callback ``name`` with its init args."""
+    return ["--trainer.callbacks+", json.dumps({"class_path": f"mp_callbacks.{name}", "init_args": init_args})]
 
 
 def run_cli(args: list[str], root: Path) -> MTLCLI:

@@ -10,7 +10,6 @@ global batches step by step (Lightning's DistributedSampler gives rank r rows r,
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, SMALL_DATA, run_cli
+from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, SMALL_DATA, mp_callback, run_cli, subprocess_env
 
 from mtl_lightning.cli import main
 from mtl_lightning.errors import ConfigError
@@ -49,29 +48,16 @@ PRESETS = {
         *("--data.init_args.batch_size", "32"),
     ],
 }
+
+
 # Variables a surrounding launcher may have set; a child that sees them would think it is one rank of a job.
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
-
-
-def _callback(name: str, **init_args: object) -> list[str]:
-    return ["--trainer.callbacks+", json.dumps({"class_path": f"mp_callbacks.{name}", "init_args": init_args})]
-
-
 def _fit_args(root: Path, preset: str, epochs: int = EPOCHS) -> list[str]:
     cfg = root.parent / "deterministic.yaml"
     cfg.write_text(DETERMINISTIC)
     return [
         *("fit", "--config", str(QUICKSTART), "--config", str(cfg), *PRESETS[preset]),
         *("--trainer.max_epochs", str(epochs), "--trainer.logger.init_args.save_dir", str(root / "runs")),
-        *_callback("DumpRun", out=str(root / "dump")),
+        *mp_callback("DumpRun", out=str(root / "dump")),
         # `spend` joins at epoch 1: before that its head is not run, only touched, and DDP must not see unused
         # parameters (FSDP2: its sharded parameters get zero gradients).
         "--trainer.callbacks+",
@@ -82,7 +68,7 @@ def _fit_args(root: Path, preset: str, epochs: int = EPOCHS) -> list[str]:
 def _mtl(args: list[str], expect: int = 0, timeout: int = 300) -> str:
     cmd = [sys.executable, "-m", "mtl_lightning", *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"hung (killed after {err.timeout} s): {' '.join(cmd)}")
     log = (proc.stdout + proc.stderr)[-4000:]
@@ -107,7 +93,9 @@ def _two_nodes(root: Path) -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
         launcher += ["--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port]
         launcher += ["-m", "mtl_lightning", *args]
-        procs.append(subprocess.Popen(launcher, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(launcher, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
     try:
         logs = [p.communicate(timeout=300)[0].decode()[-3000:] for p in procs]
     except subprocess.TimeoutExpired:
@@ -127,7 +115,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _mtl(_fit_args(out[preset], preset))
     for preset in ("ddp", "fsdp2"):
         root = out[f"{preset}_resumed"] = tmp_path_factory.mktemp(f"{preset}_resumed")
-        _mtl(_fit_args(root, preset) + _callback("ExitAtEpoch", epoch=2), expect=17)
+        _mtl(_fit_args(root, preset) + mp_callback("ExitAtEpoch", epoch=2), expect=17)
         assert not (root / "dump").exists(), "the killed run should not have finished"
         _mtl([*_fit_args(root, preset), "--ckpt_path", "last"])
     out["two_nodes"] = tmp_path_factory.mktemp("two_nodes")

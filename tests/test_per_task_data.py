@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, run_cli
+from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, run_cli, subprocess_env
 from torch.utils.data import Dataset, TensorDataset
 
 from mtl_lightning.data import (
@@ -402,15 +401,6 @@ trainer:
   logger: false
   callbacks: []
 """
-_DIST_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
 
 
 @pytest.mark.integration  # a CLI run in a subprocess on 2 processes
@@ -424,7 +414,7 @@ def test_two_processes_draw_the_same_tasks_on_disjoint_rows(tmp_path: Path):
     args += ["--model.balancer", str(CONFIGS / "balancer" / "upgrad.yaml"), "--trainer.default_root_dir", str(tmp_path)]
     cmd = [sys.executable, "-m", "mtl_lightning", *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"hung (killed after {err.timeout} s): {' '.join(cmd)}")
     log = (proc.stdout + proc.stderr)[-4000:]

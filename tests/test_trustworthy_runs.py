@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART, REPO, run_cli
+from conftest import CONFIGS, QUICKSTART, REPO, mp_callback, run_cli, subprocess_env
 
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint, capture, restore
 from mtl_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointError
@@ -40,10 +40,6 @@ trainer:
         enable_version_counter: false
         every_n_train_steps: 3
 """
-
-
-def _callback(name: str, **init_args: object) -> list[str]:
-    return ["--trainer.callbacks+", json.dumps({"class_path": f"mp_callbacks.{name}", "init_args": init_args})]
 
 
 def _fit(root: Path, *extra: str) -> list[str]:
@@ -70,7 +66,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 # ---------------------------------------------------------------------------------------------- last.ckpt
 def test_last_checkpoint_is_the_newest_state_when_validation_gets_worse(tmp_path: Path) -> None:
     # Lightning 2.6 alone would leave last.ckpt at the best epoch (0) here.
-    cli = run_cli([*_fit(tmp_path), *_callback("WorsenFromEpoch", epoch=1, scale=1.0)], tmp_path)
+    cli = run_cli([*_fit(tmp_path), *mp_callback("WorsenFromEpoch", epoch=1, scale=1.0)], tmp_path)
     folder = _checkpoints(tmp_path)
     best, last = _load(folder / "best.ckpt"), _load(folder / "last.ckpt")
     assert best["epoch"] == 0, "the noise should make epochs 1 and 2 worse than epoch 0"
@@ -78,7 +74,7 @@ def test_last_checkpoint_is_the_newest_state_when_validation_gets_worse(tmp_path
 
 
 def _interrupt(step: int) -> list[str]:
-    return _callback("RaiseAfterStep", step=step)
+    return mp_callback("RaiseAfterStep", step=step)
 
 
 @pytest.mark.parametrize("step", [5, 10], ids=["epoch-0-mid", "epoch-1-mid"])
@@ -154,19 +150,11 @@ def test_per_task_data_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- kill -9 (real processes)
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "NODE_RANK", "RANK"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
-
-
 def _mtl(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mtl_lightning", *args],
         cwd=REPO,
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -187,9 +175,9 @@ def test_kill_9_then_ckpt_path_last_ends_like_an_uninterrupted_run(
     dumps = {}
     for name in ("full", "cut"):
         dumps[name] = tmp_path / name / "dump"
-        args = [*_fit(tmp_path / name, *extra), *_callback("DumpRun", out=str(dumps[name]))]
+        args = [*_fit(tmp_path / name, *extra), *mp_callback("DumpRun", out=str(dumps[name]))]
         if name == "cut":
-            killed = _mtl([*args, *_callback("KillAfterStep", step=step)])
+            killed = _mtl([*args, *mp_callback("KillAfterStep", step=step)])
             assert killed.returncode != 0 and not dumps[name].exists(), killed.stderr[-2000:]
             args += ["--ckpt_path", "last"]
         done = _mtl(args)
@@ -307,7 +295,7 @@ def test_a_second_resume_of_a_run_is_refused_with_the_holder(tmp_path: Path) -> 
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -338,7 +326,7 @@ def test_default_root_dir_is_where_the_run_goes(tmp_path: Path) -> None:
 
 def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
-        main([*_fit(tmp_path / "runs"), *_callback("RaiseAfterStep", step=0), "--trainer.num_sanity_val_steps", "0"])
+        main([*_fit(tmp_path / "runs"), *mp_callback("RaiseAfterStep", step=0), "--trainer.num_sanity_val_steps", "0"])
     # step 0 is reached only after the first step, so this run trained: its folder stays
     assert (tmp_path / "runs" / "quickstart" / "version_0").is_dir()
     cfg = tmp_path / "boom.yaml"
