@@ -15,15 +15,19 @@ working with no custom loop:
   constant, so ``do_t/dθ = dL_t/dθ``) instead: it never materialises ``J``, for encoders too large for T copies of
   their gradient.
 
-The update: with ``g_t = dL_t/dz`` and ``g`` the aggregated gradient on ``z`` (``sum_t w_t g_t`` for a weighting),
-every head must get the gradient of its own loss and the encoder ``(dz/dθ)^T g = sum_t w_t dL_t/dθ`` (the chain
-rule). When the module gives the heads' parameters (``BalanceInput.task_parameters``), their gradients come from
-the same backward as the ``g_t`` and are handed over (:mod:`~mtl_lightning.balancers.handover`), with ``g`` for
-``z``, so Lightning's backward does not walk the heads again; in parameter mode with the batched Gramian the encoder's
-parameters get ``sum_t w_t J_p[t]`` the same way. Otherwise (FSDP, float16 autocast, a balancer called directly)
-``sum_t L_t + <z, (g - sum_t g_t).detach()>`` gives the same gradients through one more walk of the heads.
-Encoders that return one representation per task (MMoE, PLE, ...) have no single shared ``z``: use parameter mode
-there ("shared" = the encoder's parameters), and the same identity holds per representation.
+One step is a pipeline of three small parts, the last two chosen once, at :meth:`GradientBalancer.bind`:
+
+1. the **gradient source** (:mod:`~mtl_lightning.balancers.gradient_sources`): each task's gradient on the
+   representation it reads (the shared ``z``, or its own under MMoE/PLE-style encoders), and, in the same backward
+   through the heads, the heads' parameter gradients when the module gives them (``BalanceInput.task_parameters``);
+2. the **Gramian backend** (:mod:`~mtl_lightning.balancers.gramians`): representation, batched parameter Jacobian
+   or TorchJD's autogram; then the Gramian is all-reduced under DDP and the weighting turns it into weights;
+3. the **delivery** (:mod:`~mtl_lightning.balancers.delivery`): with ``g`` the aggregated gradient on ``z``, the
+   encoder gets ``(dz/dθ)^T g = sum_t w_t dL_t/dθ`` and head t the gradient of its own loss times the heads' scale
+   (``1 / present tasks``, what equal weighting gives it), handed over so Lightning's backward does not walk the
+   heads again, or through a surrogate scalar that walks them (FSDP, float16 autocast, no task parameters given).
+   Encoders that return one representation per task (MMoE, PLE, ...) have no single shared ``z``: use parameter
+   mode there ("shared" = the encoder's parameters), and the same identity holds per representation.
 
 Under DDP the T x T Gramian is all-reduced (representation mode: exactly the global batch's Gramian, since rows of
 ``z`` on different ranks are different variables), so every rank computes the same weights — a few bytes of
@@ -35,21 +39,30 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer
-from mtl_lightning.balancers.handover import hand_over, leaves_outside
+from mtl_lightning.balancers.delivery import hand_over, head_scale, surrogate
+from mtl_lightning.balancers.gradient_sources import TaskGradients, task_gradients
+from mtl_lightning.balancers.gramians import (
+    AutogramGramian,
+    BatchedParameterGramian,
+    GramianBackend,
+    RepresentationGramian,
+    batched_sources,
+    gramian_of,
+)
+from mtl_lightning.balancers.handover import leaves_outside
 from mtl_lightning.balancers.telemetry import gramian_telemetry
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
 if TYPE_CHECKING:  # TorchJD is imported where it is used, so a missing install gives a ConfigError
     from torchjd.aggregation import Aggregator, Weighting
-    from torchjd.autogram import Engine
 
 Mode = Literal["representation", "parameter"]
 GramianMethod = Literal["batched", "autogram"]
@@ -61,127 +74,6 @@ def _torchjd_aggregation() -> ModuleType:
     except ImportError as err:  # pragma: no cover - torchjd is a dependency
         raise ConfigError('gradient balancers need TorchJD: pip install "torchjd>=0.18,<0.19"') from err
     return aggregation
-
-
-def per_task_gradients(losses: Tensor, z: Tensor | Sequence[Tensor]) -> Tensor:
-    """``(T, *shape)`` gradients of each loss w.r.t. its representation, keeping the graph for the final backward.
-
-    ``z`` is one tensor every loss depends on, or one distinct tensor per loss that only that loss depends on (the
-    per-head aliases the module passes under hard sharing). With one tensor per loss a single backward of
-    ``sum_t L_t`` through the heads yields every task's gradient: O(T B D) work. With one shared tensor a batched
-    call (vmap over the identity) sends all T rows through every head, O(T^2 B D); it falls back to one call per task
-    where the graph does not support vmap. Only the heads are traversed.
-    """
-    if not isinstance(z, Tensor):
-        reps = list(z)
-        if len(reps) != len(losses) or len({id(r) for r in reps}) != len(reps):
-            raise ValueError("per_task_gradients: give one shared tensor, or one distinct tensor per loss")
-        rep_grads = torch.autograd.grad(losses.sum(), reps, retain_graph=True, allow_unused=True)
-        return torch.stack([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads, strict=True)])
-    eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
-    grads: Tensor | None  # None where no loss reaches z (allow_unused)
-    try:
-        (grads,) = torch.autograd.grad(losses, z, eye, retain_graph=True, is_grads_batched=True, allow_unused=True)
-    except RuntimeError:
-        rows = [torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0] for loss in losses]
-        grads = torch.stack([torch.zeros_like(z) if g is None else g for g in rows])
-    return torch.zeros((len(losses), *z.shape), dtype=z.dtype, device=z.device) if grads is None else grads
-
-
-def per_representation_gradients(losses: Tensor, reps: Sequence[Tensor]) -> list[Tensor]:
-    """``dL_t/dz_t`` for each task ``t``, where ``z_t`` is task t's own representation (shapes may differ).
-
-    When the tensors are distinct, loss t depends on ``z_t`` only, so one backward of ``sum_t L_t`` through the
-    heads gives every row; tasks that read the same tensor take one backward each.
-    """
-    grads: Sequence[Tensor | None]  # None for a representation its loss does not reach (allow_unused)
-    if len({id(r) for r in reps}) == len(reps):
-        grads = torch.autograd.grad(losses.sum(), list(reps), retain_graph=True, allow_unused=True)
-    else:
-        grads = [
-            torch.autograd.grad(loss, r, retain_graph=True, allow_unused=True)[0]
-            for loss, r in zip(losses, reps, strict=True)
-        ]
-    return [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads, strict=True)]
-
-
-def gradients_with_task_parameters(
-    losses: Tensor, reps: Sequence[Tensor], params: Sequence[Tensor]
-) -> tuple[list[Tensor], list[Tensor | None]]:
-    """``dL_t/dz_t`` per task and ``d(sum_t L_t)/dp`` per task parameter ``p``, from one backward through the heads.
-
-    ``reps`` must be distinct tensors, one per loss, each read by its own loss only (the module's per-head
-    aliases, or per-task representations), so the gradient of the sum w.r.t. ``reps[t]`` is task t's alone. The
-    heads' graph is freed by this backward: the caller hands the parameter gradients over instead of walking it
-    again.
-    """
-    grads = torch.autograd.grad(losses.sum(), [*reps, *params], allow_unused=True)
-    rep_grads = [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads[: len(reps)], strict=True)]
-    return rep_grads, list(grads[len(reps) :])
-
-
-def parameter_jacobians(
-    sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]
-) -> list[Tensor | None]:
-    """``J_p`` (T, *p.shape) for every parameter tensor ``p``, from one T-batched backward (None: no task reaches p).
-
-    ``sources`` are the tensors through which the task losses reach ``params`` (the shared representation, or each
-    task's own), and ``grads[i]`` is ``(T, *sources[i].shape)``: row t is task t's gradient w.r.t. ``sources[i]``
-    (zero where task t does not read it). By the chain rule row t, backpropagated from ``sources`` to ``params``, is
-    task t's gradient w.r.t. ``params``. The backward holds T copies of the encoder's intermediate gradients and
-    returns the whole T x P Jacobian. Where a graph has no batching rule it takes one backward per task instead.
-    """
-    num_tasks = grads[0].shape[0]
-    params = list(params)
-    try:
-        return list(
-            torch.autograd.grad(
-                list(sources), params, list(grads), retain_graph=True, is_grads_batched=True, allow_unused=True
-            )
-        )
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(list(sources), params, [g[t] for g in grads], retain_graph=True, allow_unused=True)
-            for t in range(num_tasks)
-        ]
-        return [
-            None
-            if all(row[i] is None for row in rows)
-            else torch.stack([torch.zeros_like(p) if row[i] is None else row[i] for row in rows])
-            for i, p in enumerate(params)
-        ]
-
-
-def gramian_of(jacobians: Sequence[Tensor | None], num_tasks: int, device: torch.device) -> Tensor:
-    """``G = sum_p J_p J_p^T`` (T x T, float32) of per-parameter Jacobians ``(T, *p.shape)``."""
-    gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float32, device=device)
-    for jacobian in jacobians:
-        if jacobian is not None:
-            matrix = jacobian.reshape(num_tasks, -1).float()
-            gramian.addmm_(matrix, matrix.T)
-    return gramian
-
-
-def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """The T x T Gramian (float32) of the per-task gradients w.r.t. ``params``, from one T-batched backward.
-
-    See :func:`parameter_jacobians`; the T x P Jacobian is freed once its Gramian is taken.
-    """
-    return gramian_of(parameter_jacobians(sources, grads, params), grads[0].shape[0], grads[0].device)
-
-
-def _batched_by_source(reps: Sequence[Tensor], rep_grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """The distinct tensors among ``reps`` and, for each, ``(T, *shape)`` with row t = task t's gradient on it."""
-    sources: list[Tensor] = []
-    index: dict[int, int] = {}
-    for r in reps:
-        if id(r) not in index:
-            index[id(r)] = len(sources)
-            sources.append(r)
-    batched = [r.new_zeros((len(reps), *r.shape)) for r in sources]
-    for t, (r, g) in enumerate(zip(reps, rep_grads, strict=True)):
-        batched[index[id(r)]][t] = g
-    return sources, batched
 
 
 class GradientBalancer(Balancer):
@@ -218,10 +110,9 @@ class GradientBalancer(Balancer):
         self.telemetry = telemetry
         self.gramian = gramian
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
-        self._engine: Engine | None = None  # built by bind() for parameter mode with gramian="autogram"
+        self.backend: GramianBackend = RepresentationGramian()  # chosen by bind()
         self._hand_over: bool | None = None  # whether the given task parameters are all the heads': checked once
         self._encoder_hand_over: bool | None = None  # whether the encoder's parameters are all that feed z: once
-        self._encoder_params: list[Tensor] = []
 
     @property
     def supports_sharding(self) -> bool:  # type: ignore[override]
@@ -236,6 +127,7 @@ class GradientBalancer(Balancer):
         raise NotImplementedError
 
     def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
+        """Choose this run's parts once: the weighting (or aggregator) and the Gramian backend."""
         super().bind(tasks, encoder)
         self._hand_over = self._encoder_hand_over = None  # new heads or encoder: check again
         aggregator = self.make_aggregator(len(tasks))
@@ -243,150 +135,101 @@ class GradientBalancer(Balancer):
         # Stored as a submodule so stateful weightings (GradVac, Nash-MTL) are checkpointed with the model.
         self.weighting: Weighting[Any] | None = weighting
         self.aggregator: Aggregator | None = None if weighting is not None else aggregator
-        if self.mode == "parameter":
-            if self.aggregator is not None:
-                raise ConfigError(
-                    f"{type(self).__name__} aggregates the Jacobian itself, not its Gramian, so it has no parameter "
-                    "mode; use mode: representation"
-                )
-            if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
-                raise ConfigError(
-                    f"{type(self).__name__}(mode='parameter') needs an encoder with trainable parameters; the "
-                    "encoder is frozen or has none. Unfreeze it or use mode: representation"
-                )
-            # A plain list, not a submodule: the encoder belongs to the LightningModule and is saved there once.
-            self._encoder_params = list(encoder.parameters())
-            if self.gramian == "autogram":
-                # The engine hooks the encoder's leaf modules, and its hooks expect compute_gramian after every
-                # forward that records a graph; so it exists only when it is used.
-                self._engine = self._make_engine(encoder)
+        self.backend = self._make_backend(encoder)
+        if len(tasks) == 1:
+            warnings.warn(
+                f"{type(self).__name__} with one task: there is nothing to balance, so it trains as equal "
+                "weighting would (the task's own gradient everywhere); give more tasks or use balancer: equal",
+                stacklevel=2,
+            )
 
-    @staticmethod
-    def _make_engine(encoder: torch.nn.Module) -> Engine:
-        from torchjd.autogram import Engine
-
-        leaves = [m for m in encoder.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
-        return Engine(*leaves, batch_dim=None)
+    def _make_backend(self, encoder: torch.nn.Module | None) -> GramianBackend:
+        if self.mode == "representation":
+            return RepresentationGramian()
+        if self.aggregator is not None:
+            raise ConfigError(
+                f"{type(self).__name__} aggregates the Jacobian itself, not its Gramian, so it has no parameter "
+                "mode; use mode: representation"
+            )
+        if encoder is None or not any(p.requires_grad for p in encoder.parameters()):
+            raise ConfigError(
+                f"{type(self).__name__}(mode='parameter') needs an encoder with trainable parameters; the "
+                "encoder is frozen or has none. Unfreeze it or use mode: representation"
+            )
+        if self.gramian == "autogram":
+            return AutogramGramian(encoder)
+        return BatchedParameterGramian(list(encoder.parameters()))
 
     # ------------------------------------------------------------------------------------------- forward
-    def _shared(self, inputs: BalanceInput) -> Tensor | None:
-        """The shared representation under hard sharing (given by the module, or the one tensor of every task)."""
-        if inputs.shared is not None:
-            return inputs.shared
-        tensors = list(inputs.representations.values())
-        return tensors[0] if all(t is tensors[0] for t in tensors) else None
-
     def forward(self, inputs: BalanceInput) -> BalanceOutput:
+        """validate -> gradient source -> Gramian -> all-reduce -> weights -> delivery -> telemetry."""
         losses, present = inputs.losses, inputs.present
-        names = self.task_names
-        reps = [inputs.representations[n] for n in names]
+        reps = [inputs.representations[n] for n in self.task_names]
+        z = self._validate(inputs, reps)
+        if len(self.task_names) == 1:
+            return self._single_task(losses, present)
+        # The heads' parameter gradients are taken in the same backward as the per-task gradients and handed over
+        # (empty: Lightning's backward walks the heads again for them).
+        task_params = self._handed_over_parameters(inputs, reps)
+        grads = task_gradients(losses, reps, z, task_params)
+        log = self.telemetry and inputs.log
+        amp = torch.is_autocast_enabled(losses.device.type)  # read before autocast is turned off below
+        # In float32 even under AMP: autocast would run the Gramian's matmul in bf16/fp16.
+        with torch.autocast(losses.device.type, enabled=False):
+            # Parameter mode with the heads handed over: keep the Jacobians to hand the encoder its update as well,
+            # so Lightning's backward walks neither the heads nor the encoder.
+            encoder_params = self._handed_over_encoder(grads)
+            encoder: tuple[list[Tensor], list[Tensor | None]] | None = None
+            gramian: Tensor | None = None  # Jacobian aggregators (GradDrop, Nash-MTL) use it for telemetry only
+            if encoder_params:
+                assert isinstance(self.backend, BatchedParameterGramian)
+                jacobians = self.backend.jacobians(grads, encoder_params)
+                encoder = (encoder_params, jacobians)
+                gramian = gramian_of(jacobians, grads.num_tasks, losses.device)
+            elif self.weighting is not None or log:
+                gramian = self.backend(grads, amp)
+            if gramian is not None and self._all_reduces():
+                dist.all_reduce(gramian)
+                gramian = gramian / dist.get_world_size() ** 2
+            weights, aggregated = self._combine(gramian, present, grads.flat, effective=inputs.log)
+        # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
+        # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
+        w = weights.to(losses.dtype).detach()
+        value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
+        scale = head_scale(present)
+        if task_params:
+            loss = hand_over(grads, weights, aggregated, value, scale, encoder)
+        else:
+            loss = surrogate(grads, losses, weights, aggregated, value, scale)
+        logs: dict[str, Tensor] = {}
+        if log:
+            assert gramian is not None  # computed above whenever the step logs
+            logs = self._telemetry(gramian)
+        return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
+
+    def _validate(self, inputs: BalanceInput, reps: Sequence[Tensor]) -> Tensor | None:
+        """The shared representation (None: one per task), after refusing inputs this method cannot balance."""
         if not all(r.requires_grad for r in reps):
             raise ConfigError(
                 f"{type(self).__name__} needs the gradients of the task losses w.r.t. the encoder's output, but the "
                 "encoder is frozen (its output does not require grad). Unfreeze the encoder or use a loss-weighting "
                 "balancer (static, uncertainty, famo, ...)"
             )
-        z = self._shared(inputs)
+        z = inputs.shared
+        if z is None and all(r is reps[0] for r in reps):
+            z = reps[0]
         if z is None and self.mode == "representation":
             raise ConfigError(
                 f"{type(self).__name__}: the encoder returns one representation per task, so there is no shared "
                 "representation to balance in; set the balancer's mode: parameter"
             )
-        parameter = self.mode == "parameter"
-        # The heads' parameter gradients, taken in the same backward as the per-task gradients and handed over
-        # (empty: Lightning's backward walks the heads again for them).
-        task_params = self._handed_over_parameters(inputs, reps)
-        param_grads: Sequence[Tensor | None] = ()
-        flat: Tensor | None = None
-        # Parameter mode: `sources`/`source_grads` feed the batched backward; `projections` (T,) are
-        # o_t = <z_t, g_t> with g_t constant, whose gradient w.r.t. the encoder's parameters is task t's (chain
-        # rule), for the autogram engine: its backward then starts at the representation, not at the losses.
-        sources: list[Tensor] = []
-        source_grads: list[Tensor] = []
-        projections: Tensor | None = None
-        if task_params:
-            rep_grads, param_grads = gradients_with_task_parameters(losses, reps, task_params)
-        if z is not None:
-            if task_params:
-                grads = torch.stack(rep_grads)  # (T, *z.shape)
-            else:
-                # with one alias per head (the module's), one backward through the heads gives all rows
-                distinct = len({id(r) for r in reps}) == len(reps)
-                grads = per_task_gradients(losses, reps if distinct else z)
-            flat = grads.reshape(len(names), -1).float()
-            if parameter and self.gramian == "batched":
-                sources, source_grads = [z], [grads]
-            elif parameter:
-                # a matrix-vector product: its T-batched backward is (T x T) @ J, with no T x T x |z| intermediate
-                projections = grads.reshape(len(names), -1) @ z.reshape(-1)
-        else:
-            if not task_params:
-                rep_grads = per_representation_gradients(losses, reps)
-            if parameter and self.gramian == "batched":
-                sources, source_grads = _batched_by_source(reps, rep_grads)
-            elif parameter:
-                projections = torch.stack(
-                    [torch.dot(r.flatten(), g.flatten()) for r, g in zip(reps, rep_grads, strict=True)]
-                )
-        log = self.telemetry and inputs.log
-        amp = torch.is_autocast_enabled(losses.device.type)
-        # In float32 even under AMP: autocast would run the Gramian's matmul in bf16/fp16.
-        with torch.autocast(losses.device.type, enabled=False):
-            # Jacobian aggregators (GradDrop, Nash-MTL) use the Gramian for telemetry only.
-            gramian = None
-            # Parameter mode with the heads handed over: keep the Jacobians to hand the encoder its update as well,
-            # so Lightning's backward walks neither the heads nor the encoder.
-            encoder_params = self._handed_over_encoder(task_params, sources)
-            jacobians: list[Tensor | None] = []
-            if encoder_params:
-                jacobians = parameter_jacobians(sources, source_grads, encoder_params)
-                gramian = gramian_of(jacobians, len(names), losses.device)
-            elif self.weighting is not None or log:
-                gramian = self._gramian(flat, sources, source_grads, projections, amp)
-            if gramian is not None and self._all_reduces():
-                dist.all_reduce(gramian)
-                gramian = gramian / dist.get_world_size() ** 2
-            weights, aggregated = self._combine(gramian, present, flat, effective=inputs.log)
-        # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
-        # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
-        w = weights.to(losses.dtype).detach()
-        value = ((w * losses).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)).detach()
-        if task_params:
-            # The representation(s) get the aggregated gradient and the heads their own losses' gradients, with no
-            # second walk through the heads.
-            if encoder_params:  # the encoder's parameters get sum_t w_t J_p[t] directly
-                targets = encoder_params
-                target_grads = [
-                    None if jac is None else torch.tensordot(weights.to(jac.dtype), jac, dims=1) for jac in jacobians
-                ]
-            elif z is not None:
-                assert flat is not None  # set above whenever z is
-                update = weights.to(flat.dtype) @ flat if aggregated is None else aggregated
-                targets, target_grads = [z], [update]
-            else:  # distinct representations (checked by _handed_over_parameters): task t's gets w_t g_t
-                targets = list(reps)
-                target_grads = [weights[i].to(g.dtype) * g for i, g in enumerate(rep_grads)]
-            loss = value + hand_over([*targets, *task_params], [*target_grads, *param_grads])
-        else:  # the heads are walked again by Lightning's backward, through `total`
-            if z is not None:
-                assert flat is not None  # set above whenever z is
-                # g - sum_t g_t; for a weighting g = sum_t w_t g_t, so one pass over the rows: (w - 1) @ J.
-                correction = (weights.to(flat.dtype) - 1) @ flat if aggregated is None else aggregated - flat.sum(0)
-                # Value 0, gradient `correction` on z: the encoder receives the aggregated gradient.
-                inner = (z * correction.reshape(z.shape).to(z.dtype).detach()).sum()
-            else:
-                terms = [
-                    (r * ((weights[i] - 1) * g).detach().to(g.dtype)).sum()
-                    for i, (r, g) in enumerate(zip(reps, rep_grads, strict=True))
-                ]
-                inner = cast(Tensor, sum(terms))  # never sum()'s start value 0: there is at least one task
-            total = losses.sum()
-            loss = value + (total - total.detach()) + (inner - inner.detach())
-        logs: dict[str, Tensor] = {}
-        if log:
-            assert gramian is not None  # computed above whenever the step logs
-            logs = self._telemetry(gramian)
-        return BalanceOutput(loss=loss, weights=weights.detach(), logs=logs)
+        return z
+
+    @staticmethod
+    def _single_task(losses: Tensor, present: Tensor) -> BalanceOutput:
+        """One task: every method's update is that task's gradient, so the loss itself (documented pass-through)."""
+        weights = present.to(losses.dtype)
+        return BalanceOutput(loss=(losses * weights).sum(), weights=weights.detach())
 
     def _all_reduces(self) -> bool:
         """Whether this step shares its Gramian (and weights) across DDP ranks."""
@@ -420,51 +263,22 @@ class GradientBalancer(Balancer):
                 )
         return params if self._hand_over else []
 
-    def _handed_over_encoder(self, task_params: Sequence[Tensor], sources: Sequence[Tensor]) -> list[Tensor]:
+    def _handed_over_encoder(self, grads: TaskGradients) -> list[Tensor]:
         """The encoder parameters to hand their update over (parameter mode, batched Gramian), or [].
 
         Only when the heads are handed over (else Lightning's backward walks z anyway) and the representations
         depend on no trainable tensor outside the encoder (checked once; such a tensor would get no gradient).
         """
         # (parameter mode always has a Gramian weighting: bind() refuses Jacobian aggregators there)
-        if not (task_params and sources and self.mode == "parameter" and self.gramian == "batched"):
+        if not (grads.task_params and isinstance(self.backend, BatchedParameterGramian)):
             return []
         if self._encoder_hand_over is False:
             return []
-        params = [p for p in self._encoder_params if p.requires_grad]
+        params = self.backend.trainable()
         if self._encoder_hand_over is None:
+            sources, _ = batched_sources(grads)
             self._encoder_hand_over = bool(params) and not any(leaves_outside(s, [], params) for s in sources)
         return params if self._encoder_hand_over else []
-
-    def _gramian(
-        self,
-        flat: Tensor | None,
-        sources: list[Tensor],
-        grads: list[Tensor],
-        projections: Tensor | None,
-        amp: bool = False,
-    ) -> Tensor:
-        if self.mode == "representation":
-            assert flat is not None
-            return flat @ flat.T
-        params = [p for p in self._encoder_params if p.requires_grad]  # frozen since bind: not shared any more
-        if self.gramian == "batched":
-            return parameter_gramian(sources, grads, params)
-        assert projections is not None
-        if not amp:
-            if self._engine is None:
-                raise RuntimeError(f"{type(self).__name__}: no autogram engine; bind() builds it from the encoder")
-            return self._engine.compute_gramian(projections).float()
-        # TorchJD's autogram engine fails on graphs recorded under autocast (bf16/fp16 activations with fp32
-        # parameters: "expected scalar type BFloat16 but found Float"), so materialise J_θ: one backward through the
-        # encoder per task.
-        rows = []
-        for projection in projections:
-            row = torch.autograd.grad(projection, params, retain_graph=True, allow_unused=True)
-            flat_row = [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, row, strict=True)]
-            rows.append(torch.cat(flat_row).float())
-        jacobian = torch.stack(rows)
-        return jacobian @ jacobian.T
 
     def _combine(
         self, gramian: Tensor | None, present: Tensor, flat: Tensor | None, effective: bool = True

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from mtl_lightning.balancers.base import BalanceInput, BalanceOutput, Balancer, distributed, world_mean
-from mtl_lightning.balancers.gradient import per_task_gradients
+from mtl_lightning.balancers.gradient_sources import per_task_gradients
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
