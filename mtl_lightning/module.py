@@ -283,10 +283,16 @@ class MultiTaskModule(LightningModule):
         world = 1 if trainer is None else trainer.world_size
         global_counts = counts if world == 1 else self.trainer.strategy.reduce(counts.float(), reduce_op="sum")
         means = sums * world / global_counts.clamp_min(1)
-        if self.check_finite and not bool(torch.isfinite(means).all()):
-            raise_nonfinite(self.task_names, means, self.global_step)
-        log_now = log_this_step(trainer, self._log_every_train_step)
         present = global_counts > 0
+        present_on_host = None
+        if self.check_finite:
+            # One host synchronisation for two facts: whether every loss is finite, and which tasks are present
+            # (which a gradient method needs on the host to take the present tasks' sub-Gramian).
+            flags = torch.cat([torch.isfinite(means).all().view(1), present]).tolist()
+            if not flags[0]:
+                raise_nonfinite(self.task_names, means, self.global_step)
+            present_on_host = flags[1:]
+        log_now = log_this_step(trainer, self._log_every_train_step)
         result = self.balancer(
             BalanceInput(
                 means,
@@ -296,6 +302,7 @@ class MultiTaskModule(LightningModule):
                 log=log_now,
                 shared=shared,
                 task_parameters=self._task_parameters(),
+                present_on_host=present_on_host,
             )
         )
         self._last_means = means.detach()

@@ -200,3 +200,42 @@ def test_one_task_is_a_documented_pass_through():
     z = torch.randn(4, 2, requires_grad=True)
     out = balancer(BalanceInput((z**2).sum().reshape(1), torch.tensor([True]), {"a": z}))
     assert out.weights.tolist() == [1.0]
+
+
+# ------------------------------------------------------------------------------------ host synchronisations
+HOST_READS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::tolist")
+
+
+def host_reads(balancer, inputs: BalanceInput) -> tuple[list[str], torch.Tensor]:
+    """The ops of one balancer call that read a tensor to the host (a synchronisation on an accelerator), and its
+    weights."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        out = balancer(inputs)
+    return [e.name for e in prof.events() if e.name in HOST_READS], out.weights
+
+
+@pytest.mark.parametrize("present", [[True, True, True], [True, False, True]])
+def test_known_presence_spares_the_balancers_host_synchronisation(present):
+    """With ``present_on_host`` (the module's one read) PCGrad reads nothing to the host; the weights are the same."""
+    outs = []
+    for known in (None, present):
+        _, heads, z, reps, losses = setup()
+        balancer = PCGrad(telemetry=False)
+        balancer.bind([TaskSpec(n, "regression") for n in NAMES])
+        mask = torch.tensor(present)
+        inputs = BalanceInput(
+            losses * mask,
+            mask,
+            dict(zip(NAMES, reps)),
+            shared=z,
+            task_parameters=list(heads.parameters()),
+            present_on_host=known,
+        )
+        torch.manual_seed(0)
+        reads, weights = host_reads(balancer, inputs)
+        assert (reads == []) is (known is not None), reads
+        outs.append(weights)
+    torch.testing.assert_close(outs[0], outs[1])
+    assert outs[0][~torch.tensor(present)].eq(0).all()

@@ -38,6 +38,9 @@ class BalanceInput:
             per-task gradients and hands them over, so Lightning's backward does not walk the heads a second time.
             Empty (the default, and under FSDP, whose forward runs on gathered copies of the parameters): the final
             backward walks them.
+        present_on_host: ``present`` as the module read it to the host, in the one synchronisation of its finiteness
+            check (None when it does not check). A balancer that must know on the host which tasks are present
+            (to take their sub-Gramian) reads it here instead of synchronising with the accelerator again.
     """
 
     losses: Tensor
@@ -47,6 +50,7 @@ class BalanceInput:
     log: bool = True
     shared: Tensor | None = None
     task_parameters: Sequence[Tensor] = ()
+    present_on_host: Sequence[bool] | None = None
 
 
 @dataclass

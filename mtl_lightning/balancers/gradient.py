@@ -76,6 +76,22 @@ def _torchjd_aggregation() -> ModuleType:
     return aggregation
 
 
+def present_indices(present: Tensor, known: Sequence[bool] | None = None) -> tuple[Tensor, int]:
+    """The indices of the present tasks (on ``present``'s device) and their count.
+
+    Without ``known`` (the presence already on the host) this reads ``present`` to the host: a synchronisation on
+    an accelerator. With it there is none: all present gives ``arange``, otherwise ``nonzero_static`` of the known
+    size.
+    """
+    if known is None:
+        idx = present.nonzero().flatten()
+        return idx, len(idx)
+    count = sum(bool(k) for k in known)
+    if count == len(present):
+        return torch.arange(count, device=present.device), count
+    return torch.nonzero_static(present, size=count).flatten(), count
+
+
 class GradientBalancer(Balancer):
     """Base class: subclasses say which TorchJD aggregator to use in :meth:`make_aggregator`.
 
@@ -191,7 +207,7 @@ class GradientBalancer(Balancer):
             if gramian is not None and self._all_reduces():
                 dist.all_reduce(gramian)
                 gramian = gramian / dist.get_world_size() ** 2
-            weights, aggregated = self._combine(gramian, present, grads.flat, effective=inputs.log)
+            weights, aggregated = self._combine(gramian, present, grads.flat, inputs.log, inputs.present_on_host)
         # The value logged as train/loss: the weighted *mean* of the task losses, so it is comparable across methods
         # whose weights sum to different totals (PCGrad's sum to ~T, MGDA's to 1); only the gradient uses `weights`.
         w = weights.to(losses.dtype).detach()
@@ -281,22 +297,29 @@ class GradientBalancer(Balancer):
         return params if self._encoder_hand_over else []
 
     def _combine(
-        self, gramian: Tensor | None, present: Tensor, flat: Tensor | None, effective: bool = True
+        self,
+        gramian: Tensor | None,
+        present: Tensor,
+        flat: Tensor | None,
+        effective: bool = True,
+        known: Sequence[bool] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Weights (T,) (zero for absent tasks) and, for Jacobian aggregators, the aggregated gradient (else None).
 
         Jacobian aggregators have no weights of their own; ``effective`` asks for the least-squares weights of their
         result (for the logs). Without it (steps whose logs are not written) the weights are 1 for present tasks.
+        ``known``: ``present`` as read to the host by the module (``BalanceInput.present_on_host``), so that picking
+        the present tasks needs no host synchronisation of its own.
         """
-        idx = present.nonzero().flatten()
+        idx, count = present_indices(present, known)
         dtype = torch.float32 if gramian is None else gramian.dtype
         if self.weighting is not None:
             assert gramian is not None
-            if len(idx) == len(present):  # every task present, the usual case: no sub-Gramian and no scatter
+            if count == len(present):  # every task present, the usual case: no sub-Gramian and no scatter
                 weights = self._weigh(gramian, idx).to(device=gramian.device, dtype=dtype, copy=True)
             else:
                 weights = torch.zeros(len(present), dtype=dtype, device=gramian.device)
-                if len(idx) > 0:
+                if count > 0:
                     weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(dtype)
             if self._all_reduces():
                 # Randomised weightings (PCGrad's task order) must not depend on each rank's RNG stream: every rank
@@ -305,7 +328,7 @@ class GradientBalancer(Balancer):
             return weights, None
         weights = torch.zeros(len(present), dtype=dtype, device=present.device)
         assert flat is not None
-        if len(idx) == 0:
+        if count == 0:
             return weights, torch.zeros_like(flat[0])
         aggregated = self._aggregate(flat[idx], idx)
         if effective:
