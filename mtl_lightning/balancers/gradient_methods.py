@@ -22,6 +22,8 @@ from mtl_lightning.tasks import TaskSpec
 if TYPE_CHECKING:  # TorchJD is imported where it is used (see gradient.py)
     from torchjd.aggregation import Aggregator
 
+    from mtl_lightning.balancers.fast_gradvac import FastGradVacWeighting
+
 SOLVERS_EXTRA = 'pip install "mtl_lightning[solvers]"'
 
 
@@ -109,8 +111,12 @@ class PCGrad(_FastOrTorchJD):
         return FastPCGradWeighting()
 
 
-class CAGrad(GradientBalancer):
-    """Conflict-averse gradient descent: the best worst-case improvement near the mean gradient (Liu et al. 2021)."""
+class CAGrad(_FastOrTorchJD):
+    """Conflict-averse gradient descent: the best worst-case improvement near the mean gradient (Liu et al. 2021).
+
+    ``impl: fast`` (the default) solves TorchJD's problem exactly with an active-set method and needs no cvxpy;
+    ``impl: torchjd`` solves it with cvxpy (the solvers extra).
+    """
 
     def __init__(
         self,
@@ -119,12 +125,18 @@ class CAGrad(GradientBalancer):
         ddp_exact: bool = True,
         telemetry: bool = True,
         gramian: GramianMethod = "batched",
+        impl: Impl = "fast",
     ):
-        super().__init__(mode, ddp_exact, telemetry, gramian)
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
         self.c = c
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build("CAGrad", _torchjd_aggregation().CAGrad, c=self.c)
+
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_cagrad import FastCAGradWeighting
+
+        return FastCAGradWeighting(c=self.c)
 
 
 class IMTLG(GradientBalancer):
@@ -134,8 +146,11 @@ class IMTLG(GradientBalancer):
         return _torchjd_aggregation().IMTLG()
 
 
-class GradVac(GradientBalancer):
-    """Gradient vaccine: aligns task gradients towards an EMA of their cosine similarity (Wang et al. 2021)."""
+class GradVac(_FastOrTorchJD):
+    """Gradient vaccine: aligns task gradients towards an EMA of their cosine similarity (Wang et al. 2021).
+
+    Both impls keep the EMA state in ``cosine_targets``, so a checkpoint written with one loads with the other.
+    """
 
     cosine_targets: Tensor  # a buffer, registered in bind()
 
@@ -146,12 +161,18 @@ class GradVac(GradientBalancer):
         ddp_exact: bool = True,
         telemetry: bool = True,
         gramian: GramianMethod = "batched",
+        impl: Impl = "fast",
     ):
-        super().__init__(mode, ddp_exact, telemetry, gramian)
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
         self.beta = beta
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _torchjd_aggregation().GradVac(beta=self.beta)
+
+    def fast_weighting(self) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_gradvac import FastGradVacWeighting
+
+        return FastGradVacWeighting(beta=self.beta)
 
     def bind(self, tasks: list[TaskSpec], encoder: torch.nn.Module | None = None) -> None:
         super().bind(tasks, encoder)
@@ -161,7 +182,16 @@ class GradVac(GradientBalancer):
         self.register_buffer("cosine_targets", torch.zeros(len(tasks), len(tasks)))
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
-        # TorchJD's GradVacWeighting (make_aggregator builds GradVac) keeps its EMA state privately: compat.py
+        if self.impl == "fast":
+            # The in-project weighting takes the present tasks' block of targets and returns it updated.
+            from mtl_lightning.balancers.fast_gradvac import gradvac_step
+
+            fast = cast("FastGradVacWeighting", self.weighting)
+            block = self.cosine_targets[idx][:, idx]
+            weights, targets = gradvac_step(gramian, block, fast.beta, fast.eps)
+            self.cosine_targets[idx[:, None], idx] = targets.to(self.cosine_targets)
+            return weights
+        # TorchJD's GradVacWeighting (torchjd_aggregator builds GradVac) keeps its EMA state privately: compat.py
         # loads the present tasks' block into it and reads it back after the call.
         weighting: Any = self.weighting
         set_gradvac_state(weighting, self.cosine_targets[idx][:, idx].to("cpu", gramian.dtype))
@@ -246,6 +276,8 @@ def _fast_impls() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         "MGDA": (lambda: tjd.MGDA().gramian_weighting, lambda: MGDA().fast_weighting()),
         "UPGrad": (lambda: tjd.UPGrad().gramian_weighting, lambda: UPGrad(impl="fast").fast_weighting()),
         "DualProj": (lambda: tjd.DualProj().gramian_weighting, lambda: DualProj(impl="fast").fast_weighting()),
+        "GradVac": (lambda: tjd.GradVac().gramian_weighting, lambda: GradVac().fast_weighting()),
+        "CAGrad": (lambda: tjd.CAGrad(c=0.5).gramian_weighting, lambda: CAGrad().fast_weighting()),
     }
 
 
