@@ -1,11 +1,11 @@
 """In-project vectorised Gramian weightings against TorchJD's, on the same Gramians, in paired rounds.
 
-For each method with ``impl: fast`` (PCGrad, MGDA, UPGrad, DualProj) and each number of tasks T, the time of one
-weighting call on a T x T Gramian of random task gradients (d = 256, float32, CPU), TorchJD's side and ours run in a
+For each method with ``impl: fast`` (PCGrad, MGDA, UPGrad, DualProj, GradVac, CAGrad, ...) and each number of tasks
+T, the time of one weighting call on a T x T Gramian of random task gradients (d = 256, float32, CPU), TorchJD's side and ours run in a
 random order in every round; the median of the per-round ratios is printed with its range, and the largest weight
 difference between the two sides.
 
-    python benchmarks/weightings.py --rounds 20 --tasks 2 10 40
+    python benchmarks/weightings.py --rounds 20 --tasks 2 10 40 [--methods GradVac CAGrad]
 """
 
 from __future__ import annotations
@@ -34,12 +34,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=5, help="calls per timing")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--methods", nargs="+", default=None, help="the methods to time (default: every one)")
     args = parser.parse_args()
+    impls = _fast_impls()
+    unknown = sorted(set(args.methods or ()) - set(impls))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {sorted(impls)}")
     torch.set_num_threads(2)
     print(
         f"{'method':10s} {'T':>3s} {'torchjd ms':>11s} {'fast ms':>9s} {'fast/torchjd':>13s} {'range':>13s} {'max |dw|':>9s}"
     )
-    for name, (reference, fast) in _fast_impls().items():
+    for name, (reference, fast) in impls.items():
+        if args.methods and name not in args.methods:
+            continue
         for t in args.tasks:
             jac = torch.randn(t, 256, generator=torch.Generator().manual_seed(t))
             gramian = jac @ jac.T
