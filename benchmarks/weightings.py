@@ -1,9 +1,9 @@
 """In-project vectorised Gramian weightings against TorchJD's, on the same Gramians, in paired rounds.
 
 For each method with ``impl: fast`` (PCGrad, MGDA, UPGrad, DualProj, GradVac, CAGrad, ...) and each number of tasks
-T, the time of one weighting call on a T x T Gramian of random task gradients (d = 256, float32, CPU), TorchJD's side and ours run in a
-random order in every round; the median of the per-round ratios is printed with its range, and the largest weight
-difference between the two sides.
+T, the time of one weighting call on a T x T Gramian of random task gradients (d = 256, float32, CPU), TorchJD's side
+and ours run in a random order in every round; the median of the per-round ratios is printed with its range, and the
+largest weight difference between the two sides.
 
     python benchmarks/weightings.py --rounds 20 --tasks 2 10 40 [--methods GradVac CAGrad]
 """
