@@ -231,6 +231,7 @@ def test_known_presence_spares_the_balancers_host_synchronisation(present):
             dict(zip(NAMES, reps)),
             shared=z,
             task_parameters=list(heads.parameters()),
+            log=False,  # a step whose logs are not written (49 of 50 by default): logged ones read to the host
             present_on_host=known,
         )
         torch.manual_seed(0)
@@ -239,3 +240,32 @@ def test_known_presence_spares_the_balancers_host_synchronisation(present):
         outs.append(weights)
     torch.testing.assert_close(outs[0], outs[1])
     assert outs[0][~torch.tensor(present)].eq(0).all()
+
+
+# ------------------------------------------------------------------------------------ a solver that fails
+class NaNWeighting(nn.Module):
+    def forward(self, gramian: torch.Tensor) -> torch.Tensor:
+        return torch.full((gramian.shape[0],), float("nan"), dtype=gramian.dtype)
+
+
+def test_non_finite_weights_fall_back_to_equal_weights_with_a_warning_on_the_next_logged_step():
+    from mtl_lightning.balancers import GradientBalancer
+
+    class Broken(GradientBalancer):
+        def make_aggregator(self, num_tasks):
+            return SimpleNamespace(gramian_weighting=NaNWeighting())
+
+    balancer = Broken(telemetry=False)
+    balancer.bind([TaskSpec(n, "regression") for n in NAMES])
+    present = torch.tensor([True, False, True])
+    for step, log in [(7, False), (8, True)]:
+        _, heads, z, reps, losses = setup()
+        inputs = BalanceInput(losses * present, present, dict(zip(NAMES, reps)), step=step, log=log, shared=z)
+        if log:
+            with pytest.warns(UserWarning, match=r"Broken: .*non-finite weights on 2 step\(s\) up to step 8; .*equal"):
+                out = balancer(inputs)
+        else:
+            out = balancer(inputs)
+        assert out.weights.tolist() == [0.5, 0.0, 0.5]
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in heads.parameters())

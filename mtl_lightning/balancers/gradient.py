@@ -127,6 +127,7 @@ class GradientBalancer(Balancer):
         self.gramian = gramian
         self.last_cosine: Tensor | None = None  # for the gradient-conflict heatmap callback
         self.backend: GramianBackend = RepresentationGramian()  # chosen by bind()
+        self._fallbacks: Tensor | None = None  # steps whose weights were not finite, since the last warning
         self._hand_over: bool | None = None  # whether the given task parameters are all the heads': checked once
         self._encoder_hand_over: bool | None = None  # whether the encoder's parameters are all that feed z: once
 
@@ -218,6 +219,8 @@ class GradientBalancer(Balancer):
         else:
             loss = surrogate(grads, losses, weights, aggregated, value, scale)
         logs: dict[str, Tensor] = {}
+        if inputs.log:
+            self._warn_fallbacks(inputs.step)
         if log:
             assert gramian is not None  # computed above whenever the step logs
             logs = self._telemetry(gramian)
@@ -321,6 +324,7 @@ class GradientBalancer(Balancer):
                 weights = torch.zeros(len(present), dtype=dtype, device=gramian.device)
                 if count > 0:
                     weights[idx] = self._weigh(gramian[idx][:, idx], idx).to(dtype)
+            weights = self._finite_or_equal(weights, present)
             if self._all_reduces():
                 # Randomised weightings (PCGrad's task order) must not depend on each rank's RNG stream: every rank
                 # applies rank 0's weights, as one process on the global batch would (T floats of communication).
@@ -338,6 +342,32 @@ class GradientBalancer(Balancer):
         else:
             weights[idx] = 1.0
         return weights, aggregated
+
+    def _finite_or_equal(self, weights: Tensor, present: Tensor) -> Tensor:
+        """``weights``, or equal weights over the present tasks where a solver left any weight NaN or infinite.
+
+        Decided on the device, with no host synchronisation; the steps that fell back are counted and a warning
+        names them at the next step whose logs are written (:meth:`_warn_fallbacks`).
+        """
+        bad = ~torch.isfinite(weights).all()
+        if self._fallbacks is None or self._fallbacks.device != weights.device:
+            self._fallbacks = torch.zeros((), dtype=torch.long, device=weights.device)
+        self._fallbacks += bad
+        equal = present.to(weights.dtype) / present.sum().clamp_min(1)
+        return torch.where(bad, equal, weights)
+
+    def _warn_fallbacks(self, step: int) -> None:
+        """Warn (on a logged step, which reads to the host anyway) if weights fell back since the last warning."""
+        if self._fallbacks is None:
+            return
+        count = int(self._fallbacks)
+        if count:
+            self._fallbacks.zero_()
+            warnings.warn(
+                f"{type(self).__name__}: the weighting gave non-finite weights on {count} step(s) up to step {step}; "
+                "those steps used equal weights over the present tasks instead",
+                stacklevel=3,
+            )
 
     def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
         """Weights of the present tasks ``idx`` from their Gramian (hook for weightings with per-task state)."""
