@@ -748,10 +748,12 @@ def test_parameter_mode_needs_a_trainable_encoder(encoder):
 
 
 def test_jacobian_aggregators_have_no_parameter_mode():
-    for cls in (GradDrop, NashMTL):
-        assert "mode" not in inspect.signature(cls).parameters
-        with pytest.raises(TypeError):
-            cls(mode="parameter")
+    assert "mode" not in inspect.signature(GradDrop).parameters
+    with pytest.raises(TypeError):
+        GradDrop(mode="parameter")
+    # NashMTL's TorchJD side aggregates the Jacobian (its default impl: fast weighs the Gramian, tests/test_fast_nash.py)
+    with pytest.raises(ConfigError, match="no parameter mode"):
+        NashMTL(mode="parameter", impl="torchjd")
 
     class ParameterGradDrop(GradientBalancer):
         def make_aggregator(self, num_tasks):

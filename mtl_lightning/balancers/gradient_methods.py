@@ -268,8 +268,11 @@ class DualProj(_TorchJDByDefault):
         return FastDualProjWeighting()
 
 
-def _fast_impls() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """``{method: (TorchJD's weighting, the in-project one)}`` for the benchmark and the tests, built on call."""
+def _fast_impls() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
+    """``{method: (TorchJD's weighting, the in-project one)}`` for the benchmark and the tests, built on call.
+
+    Factories take no argument, or ``num_tasks`` for a weighting sized to its tasks (NashMTL's).
+    """
     tjd = _torchjd_aggregation()
     return {
         "PCGrad": (lambda: tjd.PCGrad().gramian_weighting, lambda: PCGrad().fast_weighting()),
@@ -278,11 +281,23 @@ def _fast_impls() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         "DualProj": (lambda: tjd.DualProj().gramian_weighting, lambda: DualProj(impl="fast").fast_weighting()),
         "GradVac": (lambda: tjd.GradVac().gramian_weighting, lambda: GradVac().fast_weighting()),
         "CAGrad": (lambda: tjd.CAGrad(c=0.5).gramian_weighting, lambda: CAGrad().fast_weighting()),
+        # Sized to the tasks; TorchJD's side is an aggregator of the Jacobian (benchmarks/weightings.py gives it J).
+        "NashMTL": (
+            lambda num_tasks: tjd.NashMTL(n_tasks=num_tasks),
+            lambda num_tasks: NashMTL().fast_weighting(num_tasks),
+        ),
     }
 
 
-class NashMTL(GradientBalancer):
-    """Nash bargaining over the task gradients (Navon et al. 2022); representation mode only."""
+class NashMTL(_FastOrTorchJD):
+    """Nash bargaining over the task gradients (Navon et al. 2022): weights ``alpha > 0`` with ``G alpha = 1/alpha``.
+
+    ``impl: fast`` (the default) solves that system on the Gramian by Newton's method
+    (:mod:`~mtl_lightning.balancers.fast_nash`): a Gramian weighting like the others, so DDP-exact and with a
+    parameter mode, and no cvxpy. ``impl: torchjd`` runs TorchJD's ``NashMTL`` (a cvxpy problem per solve, the solvers
+    extra), a Jacobian aggregator: representation mode only, and each DDP rank aggregates its own Jacobian.
+    ``optim_niter`` bounds the Newton iterations (``fast``, which stops at convergence) or TorchJD's convex steps.
+    """
 
     def __init__(
         self,
@@ -291,12 +306,20 @@ class NashMTL(GradientBalancer):
         optim_niter: int = 20,
         ddp_exact: bool = True,
         telemetry: bool = True,
+        mode: Mode = "representation",
+        gramian: GramianMethod = "batched",
+        impl: Impl = "fast",
     ):
-        super().__init__("representation", ddp_exact, telemetry)
+        super().__init__(mode, ddp_exact, telemetry, gramian, impl)
+        if impl == "torchjd" and mode == "parameter":
+            raise ConfigError(
+                "NashMTL(impl='torchjd') aggregates the Jacobian itself, not its Gramian, so it has no parameter "
+                "mode; use impl: fast (the default) or mode: representation"
+            )
         self.max_norm, self.update_weights_every, self.optim_niter = max_norm, update_weights_every, optim_niter
         self._subset_aggregators: dict[tuple[int, ...], Aggregator] = {}
 
-    def make_aggregator(self, num_tasks: int) -> Aggregator:
+    def torchjd_aggregator(self, num_tasks: int) -> Aggregator:
         return _build(
             "NashMTL",
             _torchjd_aggregation().NashMTL,
@@ -306,13 +329,38 @@ class NashMTL(GradientBalancer):
             optim_niter=self.optim_niter,
         )
 
+    def fast_weighting(self, num_tasks: int | None = None) -> torch.nn.Module:
+        from mtl_lightning.balancers.fast_nash import FastNashMTLWeighting
+
+        if num_tasks is None:
+            raise TypeError("NashMTL's weighting holds per-task state: give it num_tasks")
+        return FastNashMTLWeighting(
+            num_tasks,
+            max_norm=self.max_norm,
+            update_weights_every=self.update_weights_every,
+            max_iters=self.optim_niter,
+        )
+
+    def make_aggregator(self, num_tasks: int) -> Aggregator:
+        if self.impl == "torchjd":
+            return self.torchjd_aggregator(num_tasks)
+        # As _FastOrTorchJD's, with the weighting sized to the tasks (its state is checkpointed from bind on).
+        return cast("Aggregator", SimpleNamespace(gramian_weighting=self.fast_weighting(num_tasks)))
+
+    def _weigh(self, gramian: Tensor, idx: Tensor) -> Tensor:
+        # The fast weighting keeps one state for all tasks and is told which are present (it reuses weights between
+        # solves only for the same set of tasks).
+        weighting: Any = self.weighting  # a FastNashMTLWeighting (impl: torchjd aggregates instead)
+        return weighting(gramian, idx)
+
     def _aggregate(self, matrix: Tensor, idx: Tensor) -> Tensor:
-        # TorchJD's NashMTL is sized to n_tasks: steps where some tasks are absent use one aggregator per subset.
+        # impl: torchjd. TorchJD's NashMTL is sized to n_tasks: steps where some tasks are absent use one aggregator
+        # per subset.
         if len(idx) == len(self.task_names):
             return super()._aggregate(matrix, idx)
         key = tuple(idx.tolist())
         if key not in self._subset_aggregators:
-            self._subset_aggregators[key] = self.make_aggregator(len(key))
+            self._subset_aggregators[key] = self.torchjd_aggregator(len(key))
         return self._subset_aggregators[key](matrix)
 
 
