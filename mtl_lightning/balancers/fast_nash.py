@@ -10,7 +10,7 @@ one cvxpy/ECOS solve each. This module finds it as the minimiser of the strictly
 
 by Newton's method in variables scaled by ``D = diag(a)``: the step is ``a <- a * (1 - t u)`` with
 ``(D G D + I) u = r``, ``r = a * (G a) - 1`` (the residual of the definition itself). That matrix has every
-eigenvalue >= 1, so its Cholesky factorisation exists even for rank-deficient Gramians.
+eigenvalue >= 1, so it is well conditioned even for rank-deficient Gramians.
 
 * Step size: the full step when the Newton decrement ``lambda = sqrt(rᵀ u)`` is below 1/4 (quadratic convergence;
   lambda < 1 keeps ``a > 0``), else the lowest ``f`` among a few step sizes (8 down to 1/8) and the damped step
@@ -23,7 +23,7 @@ eigenvalue >= 1, so its Cholesky factorisation exists even for rank-deficient Gr
   is added for the solve, as if each task had a private direction of that tiny size: such tasks get a large, finite
   weight, and a zero row's gradient adds nothing to the update. Tasks whose gradient norm is above about
   ``sqrt(ridge)`` of the typical one are unaffected to about ``ridge``, relative. The input's rounding can leave a
-  singular Gramian slightly indefinite: where its Jacobi-scaled form does not factorise, ``T eps`` (the input's
+  singular Gramian slightly indefinite: where its Jacobi-scaled form is not positive definite, ``T eps`` (the input's
   precision) of each diagonal entry is added as well. An all-zero Gramian gets equal weights. On such Gramians
   TorchJD's convex problem fails and it returns its previous weights (ones at first).
 * Stopping: when every ``|r_i|`` is within ``tol`` of the rounding it carries (``4 T eps a_i (|G| a)_i``, large when
@@ -163,12 +163,13 @@ class FastNashMTLWeighting(nn.Module):
         eye = torch.eye(size, dtype=gramian.dtype, device=gramian.device)
         matrix = torch.where(usable, gramian + (self.ridge * scale) * eye, eye)
         # The input's entries carry relative rounding errors of its precision, which can leave a singular Gramian
-        # slightly indefinite (f unbounded below): where the Jacobi-scaled matrix does not factorise, T times that
-        # precision of each diagonal entry is added, which leaves every task's own scale alone (no sync: a select).
+        # slightly indefinite (f unbounded below): where the Jacobi-scaled matrix is not positive definite to working
+        # precision, T times that precision of each diagonal entry is added, which leaves every task's own scale
+        # alone (no sync: a select). Not Cholesky: its tril runs in parallel and takes milliseconds on a busy CPU.
         inv_sqrt = matrix.diagonal().rsqrt()
-        _, info = torch.linalg.cholesky_ex(matrix * torch.outer(inv_sqrt, inv_sqrt))
-        jitter = torch.where(info != 0, size * input_eps, 0.0) * matrix.diagonal()
-        matrix = matrix + torch.diag(jitter)
+        smallest = torch.linalg.eigvalsh(matrix * torch.outer(inv_sqrt, inv_sqrt))[0]
+        definite = smallest > size * torch.finfo(matrix.dtype).eps
+        matrix = matrix + torch.diag(torch.where(definite, 0.0, size * input_eps) * matrix.diagonal())
         magnitude = matrix.abs()
         alpha = _start(matrix, previous)
         if gramian.device.type == "cpu":
@@ -266,8 +267,8 @@ def _newton_direction(matrix: Tensor, alpha: Tensor, residual: Tensor) -> tuple[
     """``u`` with ``(D G D + I) u = r`` and the squared Newton decrement ``rᵀ u``."""
     system = torch.outer(alpha, alpha).mul_(matrix)
     system.diagonal().add_(1.0)
-    factor, _ = torch.linalg.cholesky_ex(system)  # ≥ I, so it factorises (no check: cholesky would sync)
-    direction = torch.cholesky_solve(residual[:, None], factor).squeeze(1)
+    # LU, not Cholesky (its tril is parallel and slow on a busy CPU); the _ex form checks nothing, so never syncs.
+    direction, _ = torch.linalg.solve_ex(system, residual)
     return direction, residual @ direction
 
 
