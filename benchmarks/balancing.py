@@ -43,11 +43,13 @@ ms/step and the median of its per-round ratios to equal weighting (EqualWeightin
 Noise does not move the second table: after the rounds, ``--op-steps`` steps of each side run under
 ``torch.profiler`` and it counts, per step, the ``aten::`` operator calls (every event whose name starts with
 ``aten::``, nested ones included: ``aten::linear`` and the ``aten::addmm`` it calls are two) and the
-device-to-host synchronisations. On CUDA these are the ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``
-calls and the DtoH copies (``Memcpy DtoH`` activities, ``cudaMemcpy`` calls). On a CPU nothing synchronises, so the
-proxy is what would on an accelerator: ``aten::_local_scalar_dense`` (every ``.item()``, ``bool()``, ``float()``
-of a tensor) and ``aten::nonzero`` (boolean-mask indexing); host copies that need no aten call there (``.numpy()``,
-``.tolist()``) are not seen. Both are shown for each T with their growth over the smallest T.
+device-to-host synchronisations. On CUDA these are the ``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` /
+``cudaEventSynchronize`` calls, and beside them the DtoH copies (``Memcpy DtoH`` activities) and the host reads.
+On a CPU nothing synchronises, so the proxy is what would on an accelerator: host reads of tensor values
+(``.item()``, ``.tolist()``, ``.numpy()``, ``bool()``, ``float()``, ``int()``, seen through a ``TorchFunctionMode``)
+and the value-dependent-size operators ``aten::nonzero`` (boolean-mask indexing) and ``aten::masked_select``; the
+optimizer's reads are left out (AdamW reads its CPU step counters, no sync on any device), and ``.cpu()`` copies
+are not seen (on a CPU nothing tells a device tensor from a host one). Both are shown for each T with their growth over the smallest T.
 
     python benchmarks/balancing.py                          # T = 2, 10, 40; about 8 minutes on 2 CPU cores
     python benchmarks/balancing.py --tasks 10 --methods UPGrad FAMO --out balancing.csv
@@ -58,6 +60,7 @@ of a tensor) and ``aten::nonzero`` (boolean-mask indexing); host copies that nee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import inspect
@@ -72,7 +75,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,6 +84,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 import balancing_models
@@ -92,8 +96,11 @@ AUTOGRAM_SIDE = "UPGrad (parameter, autogram)"  # our parameter mode with gramia
 TWICE_SUFFIX = " (heads walked twice)"  # --walk-heads-twice: a side without the hand-over
 # Published time per epoch relative to equal weighting on CelebA (40 tasks), given with this benchmark's targets.
 PUBLISHED_CELEBA = {"PCGrad": 8.1, "NashMTL": 6.1, "MGDA": 5.6, "CAGrad": 4.5, "FAMO": 1.08}
-# Operators that make the host wait for an accelerator (the CPU proxy for a device-to-host synchronisation).
-HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+# What makes the host wait for an accelerator (the CPU proxy for a device-to-host synchronisation): reads of a
+# tensor's values on the host (seen as Tensor methods through a TorchFunctionMode: .tolist() and .numpy() call no
+# aten operator) and the operators whose output size depends on the values.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+HOST_SYNC_OPS = ("aten::nonzero", "aten::masked_select")
 CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 STEP_RANGE = "bench::step"  # the profiler range around each counted step
 # The optimizer's range: on a CPU its scalar reads are not counted as syncs (count_ops says why).
@@ -107,7 +114,7 @@ class OpCount:
     ops: float
     syncs: float
     dtoh: float = 0.0
-    scalar_reads: float = 0.0  # aten::_local_scalar_dense calls (on CUDA beside the real syncs, for comparison)
+    host_reads: float = 0.0  # .item()/.tolist()/bool()/... of tensors (on CUDA beside the real syncs, to compare)
 
 
 @dataclass
@@ -118,6 +125,7 @@ class Side:
     ms: list[float] = field(default_factory=list)
     steps: int = 0
     counts: OpCount | None = None
+    module: nn.Module | None = None  # the MultiTaskModule a module side trains (None for TorchJD's recipes)
 
 
 @dataclass
@@ -174,9 +182,32 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def optimizer_range() -> Any:
-    """A profiler range around the optimizer's step (a no-op context when nothing profiles)."""
-    return torch.profiler.record_function(OPTIMIZER_RANGE)
+_in_optimizer = False  # set by optimizer_range(): host reads there are not counted (count_ops says why)
+
+
+@contextlib.contextmanager
+def optimizer_range() -> Iterator[None]:
+    """A profiler range around the optimizer's step, which also tells HostReads to look away."""
+    global _in_optimizer
+    _in_optimizer = True
+    try:
+        with torch.profiler.record_function(OPTIMIZER_RANGE):
+            yield
+    finally:
+        _in_optimizer = False
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the Tensor methods that read values on the host (:data:`HOST_READS`), outside the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not _in_optimizer and getattr(func, "__name__", "") in HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:
@@ -277,7 +308,7 @@ def module_side(
         module.on_train_batch_end(None, batch, i)
         trainer.global_step += 1
 
-    return Side(name, kind, step)
+    return Side(name, kind, step, module=module)
 
 
 def _binary_heads(model: BenchModel) -> bool:
@@ -456,15 +487,18 @@ def count_ops(step: Callable[[int], None], start: int, steps: int, device: torch
 
     The steps before ``start`` warmed the side up, so first-call work (solver set-up, lazy buffers) is not counted.
     Host-side events count only inside a step's ``bench::step`` range (the profiler's and our own synchronisation
-    around the steps are not the steps'); device copies (DtoH) have no host range and are all counted.
+    around the steps are not the steps'); device copies (DtoH) have no host range and are all counted. The
+    optimizer's host reads are left out: AdamW (capturable=False, the default) reads its step counters, CPU tensors
+    on every device, with .item(), which synchronises nothing on CUDA either; the same optimizer runs every side.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
+    reads = HostReads()
     with profile(activities=activities) as prof:
         for i in range(start, start + steps):
-            with record_function(STEP_RANGE):
+            with record_function(STEP_RANGE), reads:
                 step(i)
         synchronize(device)
     events = prof.profiler.kineto_results.events()
@@ -480,16 +514,14 @@ def count_ops(step: Callable[[int], None], start: int, steps: int, device: torch
     # By time only, not device type: CUDA runtime calls (cudaStreamSynchronize) are host events of their own kind.
     inside = [e for e in events if within(e, steps_at)]
     ops = sum(1 for e in inside if e.name().startswith("aten::"))
-    # On a CPU the optimizer's scalar reads are not counted: AdamW (capturable=False, the default) reads its step
-    # counters, CPU tensors on every device, with .item(), which synchronises nothing on CUDA either.
-    sync_names = Counter(e.name() for e in inside if device.type == "cuda" or not within(e, optimizer_at))
-    scalar_reads = sync_names["aten::_local_scalar_dense"]
     if device.type == "cuda":
-        syncs = sum(sync_names[c] for c in CUDA_SYNC_CALLS)
+        names = Counter(e.name() for e in inside)
+        syncs = sum(names[c] for c in CUDA_SYNC_CALLS)
         dtoh = sum(1 for e in events if "Memcpy DtoH" in e.name())  # the copies on the device's timeline
     else:
-        syncs, dtoh = sum(sync_names[c] for c in HOST_SYNC_OPS), 0
-    return OpCount(ops / steps, syncs / steps, dtoh / steps, scalar_reads / steps)
+        names = Counter(e.name() for e in inside if not within(e, optimizer_at))
+        syncs, dtoh = reads.count + sum(names[c] for c in HOST_SYNC_OPS), 0
+    return OpCount(ops / steps, syncs / steps, dtoh / steps, reads.count / steps)
 
 
 def measure(
@@ -607,7 +639,7 @@ def counts_table(table, tasks: list[int], device: torch.device, markdown: bool) 
     cuda, growth, first = device.type == "cuda", len(tasks) > 1, min(tasks)
     headers = ["method", "T", "ops/step", *([f"ops x T={first}"] if growth else [])]
     headers += ["syncs/step", *([f"syncs x T={first}"] if growth else [])]
-    headers += ["DtoH/step", "scalar reads/step"] if cuda else []
+    headers += ["DtoH/step", "host reads/step"] if cuda else []
     rows = []
     for name in ordered(table):
         per_t = table[name]
@@ -622,7 +654,7 @@ def counts_table(table, tasks: list[int], device: torch.device, markdown: bool) 
             cells.append(f"{row['syncs']:.1f}")
             if growth:
                 cells.append(f"{row['syncs'] / base['syncs']:.2f}" if base and base.get("syncs") else "-")
-            cells += [f"{row['dtoh']:.1f}", f"{row['scalar_reads']:.1f}"] if cuda else []
+            cells += [f"{row['dtoh']:.1f}", f"{row['host_reads']:.1f}"] if cuda else []
             rows.append(cells)
     return render(headers, rows, markdown)
 
@@ -644,7 +676,11 @@ def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, floa
             "cudaStreamSynchronize/cudaDeviceSynchronize/cudaEventSynchronize calls; DtoH: Memcpy DtoH activities "
             "and calls"
             if args.device.type == "cuda"
-            else "CPU proxy, the calls that would synchronise on an accelerator: " + " + ".join(HOST_SYNC_OPS)
+            else "CPU proxy, what would synchronise on an accelerator: host reads ("
+            + ", ".join(HOST_READS)
+            + ") and "
+            + " + ".join(HOST_SYNC_OPS)
+            + ", the optimizer's excluded"
         )
         print(
             f"\nper training step, from {args.op_steps} profiled steps: aten:: operator calls (nested included); syncs: {proxy}\n"

@@ -24,6 +24,17 @@ Variants (each stacks its presets on ``configs/trainer/gpu.yaml``; ``--trainer.d
 - ``fsdp``: ``configs/trainer/fsdp.yaml`` + bf16 (Lightning's FSDPStrategy, FSDP1).
 - ``fsdp2``: ``configs/trainer/fsdp2.yaml`` + bf16 (``fully_shard`` through Lightning's ModelParallelStrategy).
 
+Opt-in variants (not in the default matrix; name them in ``--variants``), each the transformer experiment as
+configured (bf16-mixed, compiled encoder, clipping at 1.0) with one change, for the MFU target:
+
+- ``foreach`` / ``fused``: AdamW with ``foreach=True`` / ``fused=True`` (Lightning's mixed-precision plugin refuses
+  gradient clipping with an optimizer that unscales itself, e.g. a fused one: the row then says so).
+- ``bf16_true``: ``--trainer.precision bf16-true`` (bf16 weights, no autocast).
+- ``cudagraphs``: ``TORCHINDUCTOR_CUDAGRAPHS=1`` (inductor's CUDA graphs for the compiled encoder; the module has no
+  compile-mode option, so the environment variable is the way in). GPU only.
+- ``wide``: d_model 1024, 16 heads (12 layers): a wider model, more work per launched kernel.
+- ``batch256``: batch 256 (twice the experiment's).
+
 MFU = model FLOPs per second / the device's dense bf16 peak (989.4 TFLOP/s on an H100 SXM or H200), for every
 variant, fp32 included, so all rows share one scale. A variant whose preset file does not exist is skipped with the reason; a failing variant is reported
 with the end of its output and the matrix goes on.
@@ -79,8 +90,11 @@ class Variant:
     # Eager unless the variant says otherwise: an experiment config may compile by default.
     extra: tuple[str, ...] = ("--model.init_args.compile", "false")
     cpu: bool = True  # possible on a CPU (run by --cpu-smoke)
+    default: bool = True  # in the matrix run when --variants is not given
+    env: tuple[tuple[str, str], ...] = ()  # environment of the run, beside the caller's
 
 
+_COMPILED = ("--model.init_args.compile", "true")
 VARIANTS = {
     v.name: v
     for v in (
@@ -95,6 +109,55 @@ VARIANTS = {
         ),
         Variant("fsdp", "FSDP1 + bf16-mixed", ("configs/trainer/fsdp.yaml", "configs/trainer/bf16.yaml"), cpu=False),
         Variant("fsdp2", "FSDP2 + bf16-mixed", ("configs/trainer/fsdp2.yaml", "configs/trainer/bf16.yaml")),
+        # Opt-in: the experiment as configured (bf16-mixed + compile) with one change each (the MFU target).
+        Variant(
+            "foreach",
+            "compile + AdamW(foreach=True), clipping on",
+            ("configs/trainer/bf16.yaml",),
+            (*_COMPILED, "--model.init_args.optimizer.init_args.foreach", "true"),
+            default=False,
+        ),
+        Variant(
+            "fused",
+            "compile + AdamW(fused=True), clipping on",
+            ("configs/trainer/bf16.yaml",),
+            (*_COMPILED, "--model.init_args.optimizer.init_args.fused", "true"),
+            default=False,
+        ),
+        Variant(
+            "bf16_true",
+            "compile + bf16-true weights",
+            ("configs/trainer/bf16.yaml",),
+            (*_COMPILED, "--trainer.precision", "bf16-true"),
+            default=False,
+        ),
+        Variant(
+            "cudagraphs",
+            "compile + inductor CUDA graphs",
+            ("configs/trainer/bf16.yaml",),
+            _COMPILED,
+            cpu=False,
+            default=False,
+            env=(("TORCHINDUCTOR_CUDAGRAPHS", "1"),),
+        ),
+        Variant(
+            "wide",
+            "compile + d_model 1024, 16 heads",
+            ("configs/trainer/bf16.yaml",),
+            (
+                *_COMPILED,
+                *("--model.init_args.encoder.init_args.d_model", "1024"),
+                *("--model.init_args.encoder.init_args.num_heads", "16"),
+            ),
+            default=False,
+        ),
+        Variant(
+            "batch256",
+            "compile + batch 256",
+            ("configs/trainer/bf16.yaml",),
+            (*_COMPILED, "--data.init_args.batch_size", "256"),
+            default=False,
+        ),
     )
 }
 # Shown in the table, in this order: (JSON key of ThroughputTimer / Row, header, format).
@@ -131,7 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
     p.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), help="default: all (with --cpu-smoke: the CPU-possible ones)"
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="default: all but the opt-in ones (with --cpu-smoke: the CPU-possible ones)",
     )
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 50; 3 with --cpu-smoke)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 1 with --cpu-smoke)")
@@ -147,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (3 if args.cpu_smoke else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 10)
     if args.variants is None:
-        args.variants = [n for n, v in VARIANTS.items() if v.cpu or not args.cpu_smoke]
+        args.variants = [n for n, v in VARIANTS.items() if v.default and (v.cpu or not args.cpu_smoke)]
     return args
 
 
@@ -198,11 +264,14 @@ def run_cell(experiment: str, variant: Variant, args: argparse.Namespace, root: 
     workdir = root / f"{experiment}-{variant.name}"
     workdir.mkdir(parents=True)
     cmd = [sys.executable, *command(experiment, variant, args, workdir)]
-    shown = shlex.join(["python", *cmd[1:]])
+    env = {**os.environ, **dict(variant.env)}
+    shown = (
+        " ".join(f"{k}={v}" for k, v in variant.env) + (" " if variant.env else "") + shlex.join(["python", *cmd[1:]])
+    )
     print(f"\n[{experiment} / {variant.name}: {variant.description}]\n  $ {shown}", flush=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return Row(experiment, variant.name, "failed", f"timed out after {args.timeout:.0f} s", shown)
     wall = time.perf_counter() - start
@@ -289,6 +358,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     rows.append(Row(experiment, name, "skipped", reason))
                     continue
                 rows.append(run_cell(experiment, variant, args, Path(tmp)))
+                if args.out:  # after every cell: a run stopped by an outer timeout keeps what it measured
+                    add_speedups(rows)
+                    write(rows, args.out)
     add_speedups(rows)
     print("\n" + table(rows))
     print("x base: samples/s over the first variant of the same experiment; MFU against the dense bf16 peak")
