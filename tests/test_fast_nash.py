@@ -228,6 +228,10 @@ def test_absent_tasks_solve_their_own_problem_and_keep_the_others_state() -> Non
     weights = weighting(gramian[sub][:, sub], sub)  # a new set of tasks: solved now, not reused
     torch.testing.assert_close(weights, _nash(gramian[sub][:, sub]), rtol=1e-9, atol=0)
     assert weighting.alpha[1] == full[1].float() and weighting.solved.tolist() == [True, False, True, True]
+    other = _jacobian("random", 4, seed=7)
+    other_sub = (other @ other.T)[sub][:, sub]
+    torch.testing.assert_close(weighting(other_sub, sub), weights, rtol=1e-7, atol=0)  # the same subset: reused
+    assert not torch.allclose(weighting(other_sub, torch.tensor([0, 1, 3])), weights)  # another subset: solved
     # back to every task within the update period: a new set again, so a new solve (not the subset's weights)
     torch.testing.assert_close(weighting(gramian), full, rtol=1e-9, atol=0)
     # and the same set again: reused

@@ -38,7 +38,8 @@ step and the fallback: the previous weights of the present tasks, equal weights 
 initial state); weights are never NaN. Host synchronisations: on the CPU the loop stops at convergence (a check per
 iteration costs nothing there); on an accelerator it runs all ``max_iters`` iterations, freezing the converged
 iterate, with no synchronisation: whether the solve converged is copied to the host asynchronously and read at a
-later call, which then warns. A step where some tasks are absent reads their indices (one small copy).
+later call, which then warns. With ``update_weights_every > 1``, a call that could reuse the weights of an earlier
+solve for some tasks only reads both sets of task indices to compare them.
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ class FastNashMTLWeighting(nn.Module):
         self.register_buffer("alpha", torch.ones(n_tasks))  # TorchJD's initial weights: ones
         self.register_buffer("solved", torch.zeros(n_tasks, dtype=torch.bool))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        # Host copies of `calls` and `solved` (as a tuple of indices), so deciding whether to solve never reads the
-        # device; rebuilt from the buffers when a checkpoint is loaded.
+        # Host copies of `calls` and of whether the last solve had every task (None: no solve yet), so deciding
+        # whether to solve reads the device only to compare two subsets of tasks; rebuilt when a checkpoint is loaded.
         self._calls = 0
-        self._solved_key: tuple[int, ...] | None = None
+        self._solved_all: bool | None = None
+        self._solved_idx: Tensor | None = None  # the tasks of the last solve when it had a subset
         self._pending: list[tuple[int, Tensor, Any]] = []  # (call, [converged, residual] on the host, CUDA event)
 
     def reset(self) -> None:
@@ -112,7 +114,7 @@ class FastNashMTLWeighting(nn.Module):
         self.alpha.fill_(1.0)
         self.solved.zero_()
         self.calls.zero_()
-        self._calls, self._solved_key, self._pending = 0, None, []
+        self._calls, self._solved_all, self._solved_idx, self._pending = 0, None, None, []
 
     def forward(self, gramian: Tensor, idx: Tensor | None = None) -> Tensor:
         """Weights ``(k,)`` of the present tasks ``idx`` (default: all) from their ``(k, k)`` Gramian."""
@@ -120,16 +122,18 @@ class FastNashMTLWeighting(nn.Module):
         call = self._calls
         self._calls += 1
         self.calls.fill_(self._calls)
-        key = tuple(range(self.n_tasks)) if idx is None or len(idx) == self.n_tasks else tuple(idx.tolist())
-        if idx is None or len(key) == self.n_tasks:
-            idx = torch.arange(self.n_tasks, device=self.alpha.device)
-        idx = idx.to(self.alpha.device)
-        if len(key) != gramian.shape[0]:
-            raise ValueError(f"{len(key)} tasks for a Gramian of shape {tuple(gramian.shape)}")
+        all_tasks = idx is None or len(idx) == self.n_tasks
+        idx = (
+            torch.arange(self.n_tasks, device=self.alpha.device)
+            if idx is None or all_tasks
+            else idx.to(self.alpha.device)
+        )
+        if len(idx) != gramian.shape[0]:
+            raise ValueError(f"{len(idx)} tasks for a Gramian of shape {tuple(gramian.shape)}")
         dtype = torch.float32 if gramian.device.type == "mps" else torch.float64  # no float64 on MPS
         matrix = gramian.detach().to(dtype)
         previous = self.alpha[idx].to(matrix.device, dtype)
-        if call % self.update_weights_every == 0 or key != self._solved_key:
+        if not self._reuses(call, idx, all_tasks):
             alpha, converged, error = self._solve(matrix, previous, torch.finfo(gramian.dtype).eps)
             if isinstance(converged, bool):
                 if not converged:
@@ -137,7 +141,7 @@ class FastNashMTLWeighting(nn.Module):
             else:
                 self._defer(call, converged, error)
             self.alpha.index_copy_(0, idx, alpha.to(self.alpha))
-            self._solved_key = key
+            self._solved_all, self._solved_idx = all_tasks, None if all_tasks else idx.clone()
             self.solved.zero_().index_fill_(0, idx, True)
         else:
             alpha = previous
@@ -146,6 +150,16 @@ class FastNashMTLWeighting(nn.Module):
             norm = (alpha @ matrix @ alpha).clamp_min(0).sqrt()
             alpha = torch.where(norm > self.max_norm, alpha * (self.max_norm / norm), alpha)
         return alpha.to(gramian.dtype)
+
+    def _reuses(self, call: int, idx: Tensor, all_tasks: bool) -> bool:
+        """Whether this call reuses the last solve's weights: between two solves, for the same tasks only."""
+        if call % self.update_weights_every == 0 or self._solved_all is None:
+            return False
+        if all_tasks or self._solved_all:
+            return all_tasks and self._solved_all
+        # Two subsets: compare them (a host read; never with update_weights_every = 1, which returns above).
+        assert self._solved_idx is not None  # set with every solve of a subset
+        return len(idx) == len(self._solved_idx) and torch.equal(idx, self._solved_idx)
 
     # ------------------------------------------------------------------------------------------------ the solve
     def _solve(self, gramian: Tensor, previous: Tensor, input_eps: float) -> tuple[Tensor, bool | Tensor, Tensor]:
@@ -165,10 +179,9 @@ class FastNashMTLWeighting(nn.Module):
         # The input's entries carry relative rounding errors of its precision, which can leave a singular Gramian
         # slightly indefinite (f unbounded below): where the Jacobi-scaled matrix is not positive definite to working
         # precision, T times that precision of each diagonal entry is added, which leaves every task's own scale
-        # alone (no sync: a select). Not Cholesky: its tril runs in parallel and takes milliseconds on a busy CPU.
+        # alone (no sync: a select).
         inv_sqrt = matrix.diagonal().rsqrt()
-        smallest = torch.linalg.eigvalsh(matrix * torch.outer(inv_sqrt, inv_sqrt))[0]
-        definite = smallest > size * torch.finfo(matrix.dtype).eps
+        definite = _positive_definite(matrix * torch.outer(inv_sqrt, inv_sqrt))
         matrix = matrix + torch.diag(torch.where(definite, 0.0, size * input_eps) * matrix.diagonal())
         magnitude = matrix.abs()
         alpha = _start(matrix, previous)
@@ -232,8 +245,9 @@ class FastNashMTLWeighting(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._calls = int(self.calls)
-        solved = self.solved.nonzero().flatten().tolist()
-        self._solved_key = tuple(solved) if solved else None
+        solved = self.solved.nonzero().flatten()
+        self._solved_all = None if len(solved) == 0 else len(solved) == self.n_tasks
+        self._solved_idx = solved if self._solved_all is False else None
         self._pending = []
 
     def extra_repr(self) -> str:
@@ -241,6 +255,17 @@ class FastNashMTLWeighting(nn.Module):
             f"n_tasks={self.n_tasks}, max_norm={self.max_norm}, update_weights_every={self.update_weights_every}, "
             f"max_iters={self.max_iters}, tol={self.tol:g}, ridge={self.ridge:g}"
         )
+
+
+def _positive_definite(matrix: Tensor) -> Tensor:
+    """Whether a symmetric matrix with unit diagonal is positive definite to working precision (0-d bool, no sync).
+
+    On the CPU its smallest eigenvalue: Cholesky's ``tril`` runs in parallel there, which takes milliseconds on a
+    busy CPU. Elsewhere ``cholesky_ex``, which does not check (eigvalsh checks its result, a host sync).
+    """
+    if matrix.device.type == "cpu":
+        return torch.linalg.eigvalsh(matrix)[0] > matrix.shape[0] * torch.finfo(matrix.dtype).eps
+    return torch.linalg.cholesky_ex(matrix)[1] == 0
 
 
 def _objective(matrix: Tensor, alphas: Tensor) -> Tensor:
