@@ -8,14 +8,15 @@ shuffling and the same number of torch threads.
 (a) plain: forward, per-task masked losses (``mtl_lightning.losses.masked_loss``), mean, backward, AdamW step.
     No metrics, no logging: what a competent engineer writes by hand.
 (b) mtl: ``lightning.Trainer`` + ``MultiTaskModule`` with the TensorBoardLogger, per-task train metrics on (the
-    default), ``log_every_n_steps=50``, the progress bar a user gets by default (``RichProgressBar`` when ``rich``
-    is installed, which it is: it is a dependency of this project), no validation and no checkpointing.
+    default), ``log_every_n_steps=50``, the progress bar ``mtl fit`` adds when a config names none
+    (``mtl_lightning.lightning_cli.default_progress_bar``), no validation and no checkpointing.
 (c) bare Lightning (``--no-bare`` skips it): (a)'s step as the ``training_step`` of a minimal LightningModule,
     under (b)'s Trainer settings but without a progress bar. It logs and measures nothing, so c/a is the
     overhead of Lightning itself and b/c what this project (and the progress bar) add on top.
 
 Time per step is the wall time between the ends of two training steps, averaged over ``--steps`` steps after
-``--warmup`` steps, so it includes data loading, every hook and logging, and the epoch boundaries that fall
+``--warmup`` steps (``--clock cpu``: the process's CPU time instead, all its threads, which other processes on a
+busy machine move less), so it includes data loading, every hook and logging, and the epoch boundaries that fall
 inside the timed window (the train split holds 63 batches). The sides alternate (a, b, c, a, b, c, ...)
 ``--repeats`` times; the table shows each side's median ms/step and the median of the per-repeat ratios.
 
@@ -60,6 +61,7 @@ MODELS = {
 }
 LR = 1e-3
 SIDES = {"a": "plain", "b": "mtl", "c": "bare"}
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -85,10 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads, all sides")
     p.add_argument(
         "--progress-bar",
-        default="default",
-        help="(b)'s progress bar: default (what Trainer picks: Rich when installed), rich, rich:N (N refreshes "
-        "per second; Lightning's default is 100), tqdm or none",
+        default="cli",
+        help="(b)'s progress bar: cli (what `mtl fit` adds, the default), lightning (what a bare Trainer picks: "
+        "Rich at 100 refreshes/s when rich is installed), rich, rich:N (N refreshes per second), tqdm, tqdm:N "
+        "(redrawn every N batches) or none",
     )
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time or the process's CPU time")
     p.add_argument("--log-every-n-steps", type=int, default=50, help="(b)'s and (c)'s trainer.log_every_n_steps")
     p.add_argument("--no-train-metrics", action="store_true", help="(b) with train_metrics=False")
     p.add_argument("--no-logger", action="store_true", help="(b) and (c) without the TensorBoard logger")
@@ -98,7 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the raw per-run numbers to this .json or .csv file")
     args = p.parse_args(argv)
-    if not (args.progress_bar in ("default", "rich", "tqdm", "none") or args.progress_bar.startswith("rich:")):
+    if not (
+        args.progress_bar in ("cli", "lightning", "rich", "tqdm", "none")
+        or args.progress_bar.startswith(("rich:", "tqdm:"))
+    ):
         p.error(f"--progress-bar: unknown {args.progress_bar!r}")
     if args.hidden:
         MODELS["10ms"] = (list(args.hidden), 150, f"MLP 64-{'-'.join(map(str, args.hidden))}, 3 heads")
@@ -165,6 +172,7 @@ def run_plain(dm, hidden: list[int], warmup: int, steps: int, seed: int, args=No
     torch.manual_seed(seed)  # same shuffling as the Lightning sides
     loader = dm.train_dataloader()
     total = warmup + steps
+    clock = CLOCKS[args.clock if args is not None else "wall"]
     step, start, loss = 0, 0.0, torch.zeros(())
     while step < total:
         for batch in loader:
@@ -174,14 +182,14 @@ def run_plain(dm, hidden: list[int], warmup: int, steps: int, seed: int, args=No
             opt.step()
             step += 1
             if step == warmup:
-                start = time.perf_counter()
+                start = clock()
             if step == total:
                 break
-    return time.perf_counter() - start, float(loss)
+    return clock() - start, float(loss)
 
 
 # ------------------------------------------------------------------------------------ Lightning sides
-def timer_callback(warmup: int, total: int):
+def timer_callback(warmup: int, total: int, clock: Callable[[], float] = time.perf_counter):
     from lightning.pytorch import Callback
 
     class StepTimer(Callback):
@@ -193,29 +201,34 @@ def timer_callback(warmup: int, total: int):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.step += 1
             if self.step == warmup:
-                self.start = time.perf_counter()
+                self.start = clock()
             elif self.step == total:
-                self.end = time.perf_counter()
+                self.end = clock()
                 self.loss = float(outputs["loss"])
 
     return StepTimer()
 
 
 def progress_bar(kind: str) -> tuple[list[Any], bool]:
+    """(callbacks, enable_progress_bar) of (b) for ``--progress-bar``."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from mtl_lightning.lightning_cli import default_progress_bar
+
+    if kind == "cli":
+        return [default_progress_bar()], True
     if kind.startswith("rich"):  # "rich" or "rich:N" with N refreshes per second
         return [RichProgressBar(refresh_rate=int(kind.partition(":")[2] or 100))], True
-    if kind == "tqdm":
-        return [TQDMProgressBar()], True
-    return [], kind == "default"
+    if kind.startswith("tqdm"):  # "tqdm" or "tqdm:N", redrawn every N batches
+        return [TQDMProgressBar(refresh_rate=int(kind.partition(":")[2] or 1))], True
+    return [], kind == "lightning"
 
 
 def fit_timed(model, dm, warmup: int, steps: int, seed: int, args, bars: list[Any], bar: bool) -> tuple[float, float]:
     from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    timer = timer_callback(warmup, warmup + steps)
+    timer = timer_callback(warmup, warmup + steps, CLOCKS[args.clock])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             accelerator="cpu",
@@ -317,7 +330,10 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     import lightning
     import torchmetrics
 
-    bar = args.progress_bar if args.progress_bar != "default" else "default (Rich, 100/s)"
+    from mtl_lightning.lightning_cli import default_progress_bar
+
+    names = {"cli": f"cli ({describe_bar(default_progress_bar())})", "lightning": "lightning (Rich, 100/s)"}
+    bar = names.get(args.progress_bar, args.progress_bar)
     print(
         f"\ntorch {torch.__version__}, lightning {lightning.__version__}, torchmetrics {torchmetrics.__version__}, "
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, torch threads {args.threads}; "
@@ -326,7 +342,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"(b) mtl: TensorBoardLogger {'off' if args.no_logger else 'on'}, train metrics "
         f"{'off' if args.no_train_metrics else 'on'}, log_every_n_steps={args.log_every_n_steps}, progress bar "
-        f"{bar}, stdout a terminal: {sys.stdout.isatty()}; warmup {args.warmup} steps, {args.repeats} rounds"
+        f"{bar}, stdout a terminal: {sys.stdout.isatty()}; warmup {args.warmup} steps, {args.repeats} rounds, "
+        f"{args.clock} clock"
     )
     head = f"{'model':<5} {'steps':>5} {'(a) plain':>10} {'(b) mtl':>9} {'b/a':>6} {'b/a range':>11}" + (
         "" if args.no_bare else f" {'(c) bare':>9} {'c/a':>6} {'b/c':>6}"
@@ -351,6 +368,11 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['model']} " + "/".join(f"{r[f'{s}_loss']:.4f}" for s in SIDES if f"{s}_loss" in r) for r in rows
         )
     )
+
+
+def describe_bar(bar: Any) -> str:
+    """A progress bar as the table names it, e.g. ``TQDMProgressBar, refresh_rate=10``."""
+    return f"{type(bar).__name__}, refresh_rate={bar.refresh_rate}"
 
 
 def write_out(path: str, runs: list[Run], rows: list[dict[str, Any]], args: argparse.Namespace) -> None:

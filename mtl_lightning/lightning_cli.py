@@ -40,6 +40,11 @@ _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 ENCODER_VOCAB_SIZE = "model.init_args.encoder.init_args.vocab_size"
 
 
+def default_progress_bar() -> ProgressBar:
+    """The progress bar ``mtl fit`` adds when the config names none (``enable_progress_bar: false``: no bar)."""
+    return RichProgressBar(refresh_rate=10)
+
+
 def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
     """The run's callbacks, set up so that ``last.ckpt`` is the newest state and a resume is exact.
 
@@ -136,7 +141,7 @@ class MTLCLI(LightningCLI):
         callbacks = kwargs.get("callbacks", config.get("callbacks"))
         callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks = [*callbacks, RichProgressBar(refresh_rate=10)]
+            callbacks = [*callbacks, default_progress_bar()]
         kwargs["callbacks"] = with_resume_callbacks(callbacks)
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]

@@ -34,7 +34,7 @@ from mtl_lightning.batches import unpack_batch
 from mtl_lightning.checkpoint_hooks import run_load_hooks
 from mtl_lightning.contracts import SupportsBindTasks, SupportsTrainingLogs
 from mtl_lightning.heads import TaskHeads, representation_widths, sync_parts
-from mtl_lightning.losses import build_loss, raise_nonfinite, task_losses
+from mtl_lightning.losses import build_loss, canonical_targets, raise_nonfinite, task_losses
 from mtl_lightning.monitoring import check_monitors
 from mtl_lightning.sharding import clip_fsdp1, is_sharded, register_units, shard
 from mtl_lightning.stage_metrics import StageMetrics
@@ -136,13 +136,20 @@ class MultiTaskModule(LightningModule):
             # Objects are dropped just below; Lightning's advice to ignore them would also drop the configs.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
+            objects = [
+                key
+                for key in _OBJECT_ARGS
+                if key in self.hparams and not isinstance(self.hparams[key], (dict, str, type(None)))
+            ]
+            if objects:
+                # Saved again without them: Lightning's frozen copy (hparams_initial), which the loggers write to
+                # hparams.yaml, would otherwise keep the encoder with its weights pickled into YAML (seconds per
+                # run start for a model of a million parameters, and a copy of the weights held in memory).
+                self.save_hyperparameters(ignore=objects)
         self.hparams["tasks"] = [s.to_dict() for s in specs]
         # The init file is read once, when the run starts; a checkpoint of this run already holds those weights, and
         # load_from_checkpoint must not look for a file that may be gone.
         self.hparams["init_from"] = None
-        for key in _OBJECT_ARGS:
-            if key in self.hparams and not isinstance(self.hparams[key], (dict, str, type(None))):
-                del self.hparams[key]
 
     def _build_task_parts(self) -> None:
         """Heads, losses and metrics of tasks that lack them; drop those of removed tasks; rebuild per-task state.
@@ -227,13 +234,18 @@ class MultiTaskModule(LightningModule):
     # -------------------------------------------------------------------------------------- loss and steps
     def _unpack(self, batch: Any, stage: str) -> tuple[Any, dict[str, Tensor]]:
         # The full label-value check (one host sync) on the first batch of each stage; shapes are checked always.
+        # The targets come out in canonical shape, once per step for the losses and the metrics.
         inputs, targets = unpack_batch(batch, stage, self.tasks, check_values=stage not in self._values_checked)
         self._values_checked.add(stage)
-        return inputs, targets if self._active is None else {k: v for k, v in targets.items() if k in self._active}
+        if self._active is not None:
+            targets = {k: v for k, v in targets.items() if k in self._active}
+        return inputs, canonical_targets(self.tasks, targets)
 
-    def task_losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def task_losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], canonical: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Per-task (sum over labelled entries, labelled count), each ``(T,)`` in task order."""
-        return task_losses(self.losses, self.tasks, outputs, targets)
+        return task_losses(self.losses, self.tasks, outputs, targets, canonical=canonical)
 
     def _scheduled_outputs(self, reps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Head outputs of the active tasks; a disabled task's head runs on zero rows.
@@ -275,7 +287,7 @@ class MultiTaskModule(LightningModule):
         inputs, targets = self._unpack(batch, "train")
         reps, shared = self.representations(inputs)
         outputs = self._scheduled_outputs(reps)
-        sums, counts = self.task_losses(outputs, targets)
+        sums, counts = self.task_losses(outputs, targets, canonical=True)
         # Under DDP a rank's sum is divided by the global count over the world size, so that DDP's gradient
         # averaging gives exactly the single-process mean over the global batch, even when ranks hold different
         # numbers of labelled rows (or none) for a task; `present` is then the same on every rank.
@@ -306,7 +318,7 @@ class MultiTaskModule(LightningModule):
             )
         )
         self._last_means = means.detach()
-        self.train_metrics.add(sums, counts, outputs if self.update_train_metrics else None, targets)
+        self.train_metrics.add(sums, counts, outputs if self.update_train_metrics else None, targets, canonical=True)
         if log_now:  # a task without a label anywhere in the step logs NaN (a gap in the curve), not a zero loss
             shown = torch.where(present, means.detach(), torch.full_like(means, torch.nan))
             self._log_train_step(result.loss, shown, result.weights, result.logs)
@@ -332,8 +344,8 @@ class MultiTaskModule(LightningModule):
     def _eval_step(self, batch: Any, stage: StageMetrics) -> None:
         inputs, targets = self._unpack(batch, stage.stage)
         outputs = self._scheduled_outputs(self.representations(inputs)[0])
-        sums, counts = self.task_losses(outputs, targets)
-        stage.add(sums, counts, outputs, targets)
+        sums, counts = self.task_losses(outputs, targets, canonical=True)
+        stage.add(sums, counts, outputs, targets, canonical=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)

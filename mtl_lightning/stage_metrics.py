@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 
 from mtl_lightning.heads import sync_parts
 from mtl_lightning.loss_tracker import StepAccumulator, TaskLossMean
+from mtl_lightning.losses import canonical_targets
 from mtl_lightning.metrics import build_metrics
 from mtl_lightning.tasks import TaskSpec
 
@@ -57,15 +58,20 @@ class StageMetrics(nn.Module):
 
     # ------------------------------------------------------------------------------------------- updates
     def add(
-        self, sums: Tensor, counts: Tensor, outputs: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor]
+        self,
+        sums: Tensor,
+        counts: Tensor,
+        outputs: Mapping[str, Tensor] | None,
+        targets: Mapping[str, Tensor],
+        canonical: bool = False,
     ) -> None:
         """Queue a step's loss sums and counts ``(T,)`` and (unless ``outputs`` is None) its metric inputs.
 
-        ``targets`` holds the tasks present in the step, in any shape its kind accepts. See :class:`StepAccumulator`
-        for why steps are queued.
+        ``targets`` holds the tasks present in the step, in any shape its kind accepts (``canonical``: already in
+        the canonical one). See :class:`StepAccumulator` for why steps are queued.
         """
-        if outputs is not None:
-            targets = {n: self.specs[n].task_kind.canonical_target(self.specs[n], t) for n, t in targets.items()}
+        if outputs is not None and not canonical:
+            targets = canonical_targets(self.specs, targets)
         if self.pending.add(sums, counts, outputs, targets if outputs is not None else None):
             self.flush()
 

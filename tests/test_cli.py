@@ -368,3 +368,39 @@ def test_same_seed_gives_identical_runs(tmp_path: Path) -> None:
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
     assert not torch.equal(first["encoder.net.0.weight"], other["encoder.net.0.weight"])
+
+
+def _bars(args: list[str], tmp_path: Path) -> list:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from mtl_lightning.cli import MTLCLI
+
+    cli = MTLCLI(
+        args=["--config", str(QUICKSTART), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+        + args,
+        run=False,
+    )
+    return [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+
+def test_the_cli_adds_its_default_progress_bar(tmp_path: Path) -> None:
+    from mtl_lightning.lightning_cli import default_progress_bar
+
+    (bar,) = _bars([], tmp_path)
+    default = default_progress_bar()
+    assert type(bar) is type(default) and bar.refresh_rate == default.refresh_rate
+
+
+@pytest.mark.parametrize("class_name", ["RichProgressBar", "TQDMProgressBar"])
+def test_a_config_picks_either_progress_bar(class_name: str, tmp_path: Path) -> None:
+    config = tmp_path / "bar.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n"
+        f"    - class_path: lightning.pytorch.callbacks.{class_name}\n      init_args:\n        refresh_rate: 3\n"
+    )
+    (bar,) = _bars(["--config", str(config)], tmp_path)
+    assert type(bar).__name__ == class_name and bar.refresh_rate == 3
+
+
+def test_no_progress_bar_when_disabled(tmp_path: Path) -> None:
+    assert _bars(["--trainer.enable_progress_bar", "false"], tmp_path) == []

@@ -130,3 +130,18 @@ def test_the_fsdp1_policy_wraps_exactly_the_units_of_built_encoders() -> None:
     assert all(encoder_units_policy(u, False, 0) for u in units)
     assert not encoder_units_policy(encoder, False, 0) and encoder_units_policy(encoder, True, 0)
     assert "_mtl_fsdp_unit" not in units[0].state_dict()  # a plain mark: no parameter, buffer or submodule
+
+
+def test_objects_given_in_python_stay_out_of_the_hyperparameters_the_loggers_write() -> None:
+    # hparams_initial is what Lightning's loggers write to hparams.yaml: an encoder object there was pickled into
+    # YAML with its weights (7 MB and seconds per run start for an MLP of a million parameters).
+    model = MultiTaskModule(
+        MLPEncoder((8,), hidden=[16]),
+        [TaskSpec("y", "binary")],
+        balancer=UncertaintyWeighting(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    for hparams in (model.hparams, model.hparams_initial):
+        assert not {"encoder", "balancer", "optimizer"} & set(hparams)
+        assert hparams["train_metrics"] is True
+    assert model._hparams_name == "kwargs"  # load_from_checkpoint passes the hparams as keyword arguments
