@@ -257,6 +257,11 @@ class FastNashMTLWeighting(nn.Module):
         )
 
 
+def _row(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows[index]`` for a 0-d index tensor without reading it on the host (plain indexing would)."""
+    return rows.index_select(0, index.reshape(1)).squeeze(0)
+
+
 def _positive_definite(matrix: Tensor) -> Tensor:
     """Whether a symmetric matrix with unit diagonal is positive definite to working precision (0-d bool, no sync).
 
@@ -285,7 +290,7 @@ def _start(matrix: Tensor, previous: Tensor) -> Tensor:
     candidates = candidates * (size / quadratic).sqrt()[:, None]
     values = _objective(matrix, candidates)
     values = torch.where(torch.isfinite(values), values, torch.full_like(values, torch.inf))
-    return candidates[values.argmin()]
+    return _row(candidates, values.argmin())
 
 
 def _newton_direction(matrix: Tensor, alpha: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -306,7 +311,7 @@ def _line_search(matrix: Tensor, alpha: Tensor, direction: Tensor, decrement: Te
     """The iterate of lowest ``f`` among the trial ``steps`` and the damped step (always feasible and descent)."""
     steps = torch.cat([steps, (1.0 / (1.0 + decrement)).reshape(1)])
     trials = alpha * (1.0 - steps[:, None] * direction)
-    return trials[_objective(matrix, trials).argmin()]
+    return _row(trials, _objective(matrix, trials).argmin())
 
 
 def _relative_residual(matrix: Tensor, magnitude: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
