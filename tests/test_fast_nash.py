@@ -8,6 +8,7 @@ converges). The definition ``G a = 1/a`` itself is checked to the solver's own t
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -324,6 +325,7 @@ def test_deferred_warning_of_an_accelerator_solve() -> None:
     # The outcome of an accelerator solve is queued and reported at the next call (here with no CUDA event).
     weighting = FastNashMTLWeighting(2)
     weighting._defer(4, torch.tensor(False), torch.tensor(0.5, dtype=torch.float64))
+    assert not copy.deepcopy(weighting)._pending  # a copy of the model (EMA, SWA) leaves the queue behind
     with pytest.warns(RuntimeWarning, match="at step 4"):
         weighting(torch.eye(2))
     assert not weighting._pending

@@ -250,6 +250,12 @@ class FastNashMTLWeighting(nn.Module):
         self._solved_idx = solved if self._solved_all is False else None
         self._pending = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles (EMA or SWA copies of the model, spawn) drop the queued outcomes: CUDA events do not copy.
+        state = super().__getstate__()
+        state["_pending"] = []
+        return state
+
     def extra_repr(self) -> str:
         return (
             f"n_tasks={self.n_tasks}, max_norm={self.max_norm}, update_weights_every={self.update_weights_every}, "
