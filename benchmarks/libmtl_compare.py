@@ -255,11 +255,20 @@ def run_libmtl(lib, method: str, names: list[str], batches, args: argparse.Names
     return stamps.ms_per_step(args.warmup, steps)
 
 
+def cli_progress_bar() -> Any:
+    """The bar ``mtl fit`` adds by default (an older tree without ``default_progress_bar``: its RichProgressBar)."""
+    try:
+        from mtl_lightning.lightning_cli import default_progress_bar
+    except ImportError:  # before the function existed the CLI added RichProgressBar(refresh_rate=10)
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar(refresh_rate=10)
+    return default_progress_bar()
+
+
 def run_ours(method: str, names: list[str], batches, args: argparse.Namespace, steps: int) -> float:
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from mtl_lightning.lightning_cli import default_progress_bar
 
     stamps = StepStamps()
 
@@ -279,7 +288,7 @@ def run_ours(method: str, names: list[str], batches, args: argparse.Namespace, s
             enable_model_summary=False,
             limit_val_batches=0,
             num_sanity_val_steps=0,
-            callbacks=[HookOptimizer(), default_progress_bar()],
+            callbacks=[HookOptimizer(), cli_progress_bar()],
         )
         trainer.fit(model, train_dataloaders=cycled(batches, args.warmup + steps))
     return stamps.ms_per_step(args.warmup, steps)
@@ -351,8 +360,6 @@ def report(
 ) -> list[dict]:
     import lightning
 
-    from mtl_lightning.lightning_cli import default_progress_bar
-
     by = {(x.tasks, x.method, x.side): x for x in timings}
     rows = []
     for t in args.tasks:
@@ -372,7 +379,7 @@ def report(
                     "check": checks.get((t, m)),
                 }
             )
-    bar = default_progress_bar()
+    bar = cli_progress_bar()
     print(
         f"\ntorch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, torch threads {args.threads}; 1-min load average before/after: "

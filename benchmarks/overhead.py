@@ -209,14 +209,23 @@ def timer_callback(warmup: int, total: int, clock: Callable[[], float] = time.pe
     return StepTimer()
 
 
+def cli_progress_bar() -> Any:
+    """The bar ``mtl fit`` adds by default (an older tree without ``default_progress_bar``: its RichProgressBar)."""
+    try:
+        from mtl_lightning.lightning_cli import default_progress_bar
+    except ImportError:  # before the function existed the CLI added RichProgressBar(refresh_rate=10)
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar(refresh_rate=10)
+    return default_progress_bar()
+
+
 def progress_bar(kind: str) -> tuple[list[Any], bool]:
     """(callbacks, enable_progress_bar) of (b) for ``--progress-bar``."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    from mtl_lightning.lightning_cli import default_progress_bar
-
     if kind == "cli":
-        return [default_progress_bar()], True
+        return [cli_progress_bar()], True
     if kind.startswith("rich"):  # "rich" or "rich:N" with N refreshes per second
         return [RichProgressBar(refresh_rate=int(kind.partition(":")[2] or 100))], True
     if kind.startswith("tqdm"):  # "tqdm" or "tqdm:N", redrawn every N batches
@@ -330,9 +339,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     import lightning
     import torchmetrics
 
-    from mtl_lightning.lightning_cli import default_progress_bar
-
-    names = {"cli": f"cli ({describe_bar(default_progress_bar())})", "lightning": "lightning (Rich, 100/s)"}
+    names = {"cli": f"cli ({describe_bar(cli_progress_bar())})", "lightning": "lightning (Rich, 100/s)"}
     bar = names.get(args.progress_bar, args.progress_bar)
     print(
         f"\ntorch {torch.__version__}, lightning {lightning.__version__}, torchmetrics {torchmetrics.__version__}, "

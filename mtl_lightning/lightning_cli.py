@@ -14,7 +14,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -41,8 +41,13 @@ ENCODER_VOCAB_SIZE = "model.init_args.encoder.init_args.vocab_size"
 
 
 def default_progress_bar() -> ProgressBar:
-    """The progress bar ``mtl fit`` adds when the config names none (``enable_progress_bar: false``: no bar)."""
-    return RichProgressBar(refresh_rate=10)
+    """The progress bar ``mtl fit`` adds when the config names none (``enable_progress_bar: false``: no bar).
+
+    TQDM redrawn every 10 batches: on the 9 others it does nothing, where Rich updates its task and reads every
+    logged value on each batch and redraws from a thread of its own (the measured costs: docs/benchmarks.md). A
+    config picks Rich (or any bar) by naming it in ``trainer.callbacks``.
+    """
+    return TQDMProgressBar(refresh_rate=10)
 
 
 def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
@@ -134,8 +139,8 @@ class MTLCLI(LightningCLI):
             self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # Lightning's default RichProgressBar redraws every batch: 15-20% of a small model's step on 2 CPU cores
-        # (docs/benchmarks.md). Same bar, refreshed every 10 batches, unless the user configured a bar or none.
+        # Lightning's default bar (Rich when installed, as here) costs 15-20% of a small model's step on 2 CPU cores
+        # (docs/benchmarks.md): the cheaper default_progress_bar, unless the user configured a bar or none.
         # The trainer's settings are read as LightningCLI.instantiate_trainer reads them (public attributes).
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
         callbacks = kwargs.get("callbacks", config.get("callbacks"))
