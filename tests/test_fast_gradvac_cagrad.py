@@ -159,6 +159,21 @@ def test_cagrad_matches_torchjd(tasks: int, family: str, dtype: torch.dtype) -> 
     assert math.sqrt(max(float(delta @ G @ delta), 0.0)) <= CAGRAD_DIRECTION_TOL * math.sqrt(float(ref @ G @ ref))
 
 
+@pytest.mark.parametrize("tasks", [2, 3, 10, 40])
+def test_cagrad_small_task_gradient_matches_torchjd(tasks: int) -> None:
+    # With one gradient near zero (the near_zero_row family above) the optimum is d ~ 0 and both return zeros; a
+    # gradient 1e-2 of the others' leaves d* small but above norm_eps: a large weight on that task, on both sides.
+    jac = torch.randn(tasks, tasks + 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    jac[0] *= 1e-2
+    gramian = jac @ jac.T
+    expected, actual = CAGradWeighting(c=0.5)(gramian), FastCAGradWeighting()(gramian)
+    assert expected.any() and actual.any()
+    G = _normalised(gramian)
+    ours, theirs = _objective(G, _solution_of(actual), 0.5), _objective(G, _solution_of(expected), 0.5)
+    assert -1e-12 <= theirs - ours <= CAGRAD_OBJECTIVE_TOL
+    _assert_close(actual, expected, rtol=CAGRAD_DIRECTION_TOL)
+
+
 @pytest.mark.parametrize("family", ["random", "rank_deficient", "duplicated", "conflicting"])
 @pytest.mark.parametrize("tasks", [2, 3, 10, 40, 64])
 @pytest.mark.parametrize("c", [0.1, 0.5, 0.9, 2.0])
