@@ -167,6 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the heads, and in parameter mode the encoder, a second time): the gain of the hand-over, side by side",
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown (for docs/benchmarks.md)")
+    p.add_argument(
+        "--counts",
+        choices=("long", "wide"),
+        default="long",
+        help="the counts table: one row per method and T (long), or per method with every T in columns (wide)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write every timed round as CSV")
     args = p.parse_args(argv)
@@ -634,26 +640,41 @@ def ratio_table(table, tasks: list[int], markdown: bool) -> str:
     return render(headers, rows, markdown, left=2)
 
 
-def counts_table(table, tasks: list[int], device: torch.device, markdown: bool) -> str:
-    """Long format: method, T, ops/step, syncs/step (and DtoH on CUDA), and with several T the growth over the first."""
-    cuda, growth, first = device.type == "cuda", len(tasks) > 1, min(tasks)
+def counts_table(table, tasks: list[int], device: torch.device, markdown: bool, layout: str = "long") -> str:
+    """ops/step and syncs/step (and DtoH on CUDA) per method and T, with several T their growth over the first.
+
+    ``long``: one row per method and T (method, T, ops/step, syncs/step, ...); ``wide``: one row per method.
+    """
+    cuda, growth, first, last = device.type == "cuda", len(tasks) > 1, min(tasks), max(tasks)
+    names = [n for n in ordered(table) if any("ops" in row for row in table[n].values())]
+
+    def ratio(a: dict | None, b: dict | None, key: str) -> str:
+        return f"{a[key] / b[key]:.2f}" if a and b and b.get(key) else "-"
+
+    if layout == "wide":
+        headers = ["method", *(f"ops T={t}" for t in tasks), *([f"ops x T={first}->{last}"] if growth else [])]
+        headers += [f"syncs T={t}" for t in tasks] + ([f"DtoH T={t}" for t in tasks] if cuda else [])
+        rows = []
+        for name in names:
+            per_t = table[name]
+            cells = [name, *(f"{per_t[t]['ops']:.0f}" if t in per_t else "-" for t in tasks)]
+            cells += [ratio(per_t.get(last), per_t.get(first), "ops")] if growth else []
+            cells += [f"{per_t[t]['syncs']:.1f}" if t in per_t else "-" for t in tasks]
+            cells += [f"{per_t[t]['dtoh']:.1f}" if t in per_t else "-" for t in tasks] if cuda else []
+            rows.append(cells)
+        return render(headers, rows, markdown)
     headers = ["method", "T", "ops/step", *([f"ops x T={first}"] if growth else [])]
     headers += ["syncs/step", *([f"syncs x T={first}"] if growth else [])]
     headers += ["DtoH/step", "host reads/step"] if cuda else []
     rows = []
-    for name in ordered(table):
+    for name in names:
         per_t = table[name]
-        base = per_t.get(first)
         for t in tasks:
             row = per_t.get(t)
             if row is None or "ops" not in row:
                 continue
-            cells = [name, str(t), f"{row['ops']:.0f}"]
-            if growth:
-                cells.append(f"{row['ops'] / base['ops']:.2f}" if base and base.get("ops") else "-")
-            cells.append(f"{row['syncs']:.1f}")
-            if growth:
-                cells.append(f"{row['syncs'] / base['syncs']:.2f}" if base and base.get("syncs") else "-")
+            cells = [name, str(t), f"{row['ops']:.0f}", *([ratio(row, per_t.get(first), "ops")] if growth else [])]
+            cells += [f"{row['syncs']:.1f}", *([ratio(row, per_t.get(first), "syncs")] if growth else [])]
             cells += [f"{row['dtoh']:.1f}", f"{row['host_reads']:.1f}"] if cuda else []
             rows.append(cells)
     return render(headers, rows, markdown)
@@ -685,7 +706,7 @@ def print_report(table, skipped: list[Skipped], checks: dict[int, dict[str, floa
         print(
             f"\nper training step, from {args.op_steps} profiled steps: aten:: operator calls (nested included); syncs: {proxy}\n"
         )
-        print(counts_table(table, tasks, args.device, args.markdown))
+        print(counts_table(table, tasks, args.device, args.markdown, args.counts))
     if not args.no_parameter_mode and "UPGrad (parameter)" in table and TORCHJD_SIDES[0] in table:
         print(
             "\nparameter mode against TorchJD (UPGrad, same model): median ms/step, and the median over rounds of "
