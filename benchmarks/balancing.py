@@ -51,7 +51,7 @@ and the value-dependent-size operators ``aten::nonzero`` (boolean-mask indexing)
 optimizer's reads are left out (AdamW reads its CPU step counters, no sync on any device), and ``.cpu()`` copies
 are not seen (on a CPU nothing tells a device tensor from a host one). Both are shown for each T with their growth over the smallest T.
 
-    python benchmarks/balancing.py                          # T = 2, 10, 40; about 8 minutes on 2 CPU cores
+    python benchmarks/balancing.py                          # T = 2, 10, 40; 10+ minutes on 2 CPU cores
     python benchmarks/balancing.py --tasks 10 --methods UPGrad FAMO --out balancing.csv
     python benchmarks/balancing.py --model census --markdown   # the census MMoE step, tables to paste
     python benchmarks/balancing.py --device cuda --model resnet18 --tasks 40 --no-parameter-mode
