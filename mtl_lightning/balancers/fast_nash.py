@@ -299,12 +299,21 @@ def _start(matrix: Tensor, previous: Tensor) -> Tensor:
     return _row(candidates, values.argmin())
 
 
-def _newton_direction(matrix: Tensor, alpha: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-    """``u`` with ``(D G D + I) u = r`` and the squared Newton decrement ``rᵀ u``."""
+def _newton_direction(matrix: Tensor, alpha: Tensor, residual: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+    """``u`` with ``(D G D + I) u = r`` and the squared Newton decrement ``rᵀ u``.
+
+    The matrix is >= I. ``sync_free`` (the accelerator loop): Cholesky without its check and two triangular solves,
+    which read nothing on the host (``solve_ex``'s and ``cholesky_solve``'s checks do). On the CPU, LU: Cholesky's
+    ``tril`` runs in parallel there, which takes milliseconds on a busy CPU, and host reads cost nothing.
+    """
     system = torch.outer(alpha, alpha).mul_(matrix)
     system.diagonal().add_(1.0)
-    # LU, not Cholesky (its tril is parallel and slow on a busy CPU); the _ex form checks nothing, so never syncs.
-    direction, _ = torch.linalg.solve_ex(system, residual)
+    if sync_free:
+        factor, _ = torch.linalg.cholesky_ex(system)
+        half = torch.linalg.solve_triangular(factor, residual[:, None], upper=False)
+        direction = torch.linalg.solve_triangular(factor.mT, half, upper=True).squeeze(1)
+    else:
+        direction, _ = torch.linalg.solve_ex(system, residual)
     return direction, residual @ direction
 
 
@@ -340,7 +349,7 @@ def _host_loop(
     for _ in range(max_iters):
         if float(error) <= tol:
             break
-        direction, decrement2 = _newton_direction(matrix, alpha, residual)
+        direction, decrement2 = _newton_direction(matrix, alpha, residual, sync_free=False)
         if float(decrement2) < _FULL_STEP_DECREMENT**2:
             alpha = alpha * (1.0 - direction)
         else:
@@ -358,7 +367,7 @@ def _device_loop(
     residual, error = _relative_residual(matrix, magnitude, alpha)
     done = error <= tol
     for _ in range(max_iters):
-        direction, decrement2 = _newton_direction(matrix, alpha, residual)
+        direction, decrement2 = _newton_direction(matrix, alpha, residual, sync_free=True)
         searched = _line_search(matrix, alpha, direction, decrement2.clamp_min(0).sqrt(), steps)
         step = torch.where(decrement2 < _FULL_STEP_DECREMENT**2, alpha * (1.0 - direction), searched)
         alpha = torch.where(done, alpha, step)
