@@ -170,10 +170,11 @@ def _compare_with_torchjd(tasks: int, family: str, dtype: torch.dtype, seed: int
     ours = _nash(gramian)
     theirs = _torchjd(jac)(jac)
     ours_res, theirs_res = _residual(gramian, ours), _residual(gramian, theirs)
+    assert family != "random" or theirs_res <= TORCHJD_CONVERGED  # so that the comparison is not vacuous
     if theirs_res > TORCHJD_CONVERGED:
-        # TorchJD's convex problem failed (it then returns its previous weights: ones) or its 20 steps did not
-        # reach the solution; ours must: nothing to compare.
-        assert family not in ("random", "duplicated") or tasks == 2 or dtype == torch.float32
+        # TorchJD's convex problem failed (it then returns its previous weights: ones) or its 20 steps stopped short
+        # (docs/benchmarks.md lists where): nothing to compare.
+        assert bool(torch.isfinite(ours).all() & (ours > 0).all())
         return
     distance = float((ours.double() - theirs.double()).abs().max() / ours.double().abs().max())
     assert distance <= ours_res + theirs_res, f"{distance:.3g} vs residuals {ours_res:.3g} + {theirs_res:.3g}"
