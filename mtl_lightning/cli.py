@@ -159,5 +159,7 @@ def console_main() -> None:
     The translation of errors into that line is :func:`mtl_lightning.console.run`; ``MTL_DEBUG=1`` keeps tracebacks.
     """
     from mtl_lightning import console
+    from mtl_lightning.allocator import keep_freed_memory
 
+    keep_freed_memory()  # a training process: reuse freed host memory (see mtl_lightning/allocator.py)
     raise SystemExit(console.run())
