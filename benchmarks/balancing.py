@@ -69,6 +69,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -103,6 +104,7 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 HOST_SYNC_OPS = ("aten::nonzero", "aten::masked_select")
 CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 STEP_RANGE = "bench::step"  # the profiler range around each counted step
+FAULT_STEPS = 10  # steps over which count_ops counts the page faults
 # The optimizer's range: on a CPU its scalar reads are not counted as syncs (count_ops says why).
 OPTIMIZER_RANGE = "bench::optimizer"
 
@@ -115,6 +117,7 @@ class OpCount:
     syncs: float
     dtoh: float = 0.0
     host_reads: float = 0.0  # .item()/.tolist()/bool()/... of tensors (on CUDA beside the real syncs, to compare)
+    faults: float = 0.0  # the process's minor page faults per step (new host pages the kernel zero-fills)
 
 
 @dataclass
@@ -172,6 +175,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("long", "wide"),
         default="long",
         help="the counts table: one row per method and T (long), or per method with every T in columns (wide)",
+    )
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is; by default the process keeps freed memory for reuse, as `mtl` does "
+        "(mtl_lightning/allocator.py)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write every timed round as CSV")
@@ -502,7 +511,16 @@ def count_ops(step: Callable[[int], None], start: int, steps: int, device: torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # Page faults first, without the profiler (which allocates), in this side's steady state: after as many steps
+    # again (the other sides ran just before and left the heap laid out for them). The indices only pick the batch.
+    for i in range(start, start + FAULT_STEPS):
+        step(i)
     synchronize(device)
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for i in range(start, start + FAULT_STEPS):
+        step(i)
+    synchronize(device)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / FAULT_STEPS
     reads = HostReads()
     with profile(activities=activities) as prof:
         for i in range(start, start + steps):
@@ -529,7 +547,7 @@ def count_ops(step: Callable[[int], None], start: int, steps: int, device: torch
     else:
         names = Counter(e.name() for e in inside if not within(e, optimizer_at))
         syncs, dtoh = reads.count + sum(names[c] for c in HOST_SYNC_OPS), 0
-    return OpCount(ops / steps, syncs / steps, dtoh / steps, reads.count / steps)
+    return OpCount(ops / steps, syncs / steps, dtoh / steps, reads.count / steps, faults)
 
 
 def measure(
@@ -668,6 +686,7 @@ def counts_table(table, tasks: list[int], device: torch.device, markdown: bool, 
     headers = ["method", "T", "ops/step", *([f"ops x T={first}"] if growth else [])]
     headers += ["syncs/step", *([f"syncs x T={first}"] if growth else [])]
     headers += ["DtoH/step", "host reads/step"] if cuda else []
+    headers += ["page faults/step"]
     rows = []
     for name in names:
         per_t = table[name]
@@ -678,6 +697,7 @@ def counts_table(table, tasks: list[int], device: torch.device, markdown: bool, 
             cells = [name, str(t), f"{row['ops']:.0f}", *([ratio(row, per_t.get(first), "ops")] if growth else [])]
             cells += [f"{row['syncs']:.1f}", *([ratio(row, per_t.get(first), "syncs")] if growth else [])]
             cells += [f"{row['dtoh']:.1f}", f"{row['host_reads']:.1f}"] if cuda else []
+            cells += [f"{row.get('faults', 0.0):.0f}"]
             rows.append(cells)
     return render(headers, rows, markdown)
 
@@ -768,6 +788,10 @@ def write_csv(path: str, results: dict[int, list[Side]]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     quiet()
+    if not args.system_malloc:
+        from mtl_lightning.allocator import keep_freed_memory
+
+        print(f"keep freed memory (as mtl does): {keep_freed_memory()}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results, skipped, checks = measure(args)
