@@ -376,8 +376,15 @@ def _bars(args: list[str], tmp_path: Path) -> list:
     from mtl_lightning.cli import MTLCLI
 
     cli = MTLCLI(
-        args=["--config", str(QUICKSTART), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
-        + args,
+        args=[
+            "--config",
+            str(QUICKSTART),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *args,
+        ],
         run=False,
     )
     return [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]

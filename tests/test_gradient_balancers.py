@@ -265,7 +265,9 @@ def test_parameter_mode_gramian_and_update_are_exact(cls, aliases, hand_over, gr
     _, _, jtheta, head_grads = by_hand(model)
     # autogram hooks the encoder at bind: every forward after it must reach the balancer. batched hooks nothing.
     balancer = make(cls, encoder=model.encoder, mode="parameter", gramian=gramian)
-    assert hooked(model.encoder) == (gramian == "autogram") and isinstance(balancer.backend, AutogramGramian) == (gramian == "autogram")
+    assert hooked(model.encoder) == (gramian == "autogram") and isinstance(balancer.backend, AutogramGramian) == (
+        gramian == "autogram"
+    )
     gramians = spy_gramians(balancer)
     model.zero_grad()
     z = model.encoder(model.x)

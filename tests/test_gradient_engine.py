@@ -27,7 +27,9 @@ def setup(seed: int = 0):
     x, y = torch.randn(16, 4), torch.randn(16, len(NAMES))
     z = encoder(x)
     reps = [z.view_as(z) for _ in NAMES]
-    losses = torch.stack([F.mse_loss(h(r).squeeze(-1), y[:, t]) for t, (h, r) in enumerate(zip(heads, reps))])
+    losses = torch.stack(
+        [F.mse_loss(h(r).squeeze(-1), y[:, t]) for t, (h, r) in enumerate(zip(heads, reps, strict=True))]
+    )
     return encoder, heads, z, reps, losses
 
 
@@ -36,7 +38,9 @@ def rows(losses: torch.Tensor, wrt: list[torch.Tensor]) -> torch.Tensor:
     out = []
     for loss in losses:
         grads = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
-        out.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(wrt, grads)]))
+        out.append(
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(wrt, grads, strict=True)])
+        )
     return torch.stack(out)
 
 
@@ -85,7 +89,9 @@ def test_parameter_gramians_equal_the_gramian_of_separate_backwards(backend):
     x, y = torch.randn(16, 4), torch.randn(16, 3)
     z = encoder(x)
     reps = [z.view_as(z) for _ in NAMES]
-    losses = torch.stack([F.mse_loss(h(r).squeeze(-1), y[:, t]) for t, (h, r) in enumerate(zip(heads, reps))])
+    losses = torch.stack(
+        [F.mse_loss(h(r).squeeze(-1), y[:, t]) for t, (h, r) in enumerate(zip(heads, reps, strict=True))]
+    )
     jtheta = rows(losses, list(encoder.parameters()))
     grads = task_gradients(losses, reps, z, [])
     torch.testing.assert_close(gramian(grads), jtheta @ jtheta.T, atol=1e-6, rtol=1e-5)
@@ -228,7 +234,7 @@ def test_known_presence_spares_the_balancers_host_synchronisation(present):
         inputs = BalanceInput(
             losses * mask,
             mask,
-            dict(zip(NAMES, reps)),
+            dict(zip(NAMES, reps, strict=True)),
             shared=z,
             task_parameters=list(heads.parameters()),
             log=False,  # a step whose logs are not written (49 of 50 by default): logged ones read to the host
@@ -260,7 +266,9 @@ def test_non_finite_weights_fall_back_to_equal_weights_with_a_warning_on_the_nex
     present = torch.tensor([True, False, True])
     for step, log in [(7, False), (8, True)]:
         _, heads, z, reps, losses = setup()
-        inputs = BalanceInput(losses * present, present, dict(zip(NAMES, reps)), step=step, log=log, shared=z)
+        inputs = BalanceInput(
+            losses * present, present, dict(zip(NAMES, reps, strict=True)), step=step, log=log, shared=z
+        )
         if log:
             with pytest.warns(UserWarning, match=r"Broken: .*non-finite weights on 2 step\(s\) up to step 8; .*equal"):
                 out = balancer(inputs)
