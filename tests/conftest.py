@@ -49,6 +49,22 @@ def mp_callback(name: str, **init_args: object) -> list[str]:
     return ["--trainer.callbacks+", json.dumps({"class_path": f"mp_callbacks.{name}", "init_args": init_args})]
 
 
+def without_trainer(model: object) -> object:
+    """``model`` (a MultiTaskModule) made to run ``training_step`` with no Trainer: one process, and "this step is
+    not logged" (what Lightning says on 49 of 50 steps by default)."""
+    from types import SimpleNamespace
+
+    model.trainer = SimpleNamespace(  # type: ignore[attr-defined]
+        world_size=1,
+        global_step=0,
+        fast_dev_run=False,
+        is_last_batch=False,
+        _logger_connector=SimpleNamespace(should_update_logs=False),
+    )
+    model._log_every_train_step = False  # type: ignore[attr-defined]
+    return model
+
+
 def run_cli(args: list[str], root: Path) -> MTLCLI:
     """``mtl <args>`` in-process, writing logs, configs and checkpoints under ``root``."""
     return main([*args, "--trainer.default_root_dir", str(root)])

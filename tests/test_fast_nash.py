@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from test_fast_pcgrad_mgda import _jacobian
 from torch import Tensor, nn
 
 from mtl_lightning import MultiTaskModule
@@ -34,28 +35,6 @@ FAMILIES = ("random", "rank_deficient", "near_zero_row", "zero_row", "duplicated
 SOLVABLE = ("random", "duplicated", "conflicting")  # G a = 1/a has an exact solution (checked below)
 # TorchJD's residual below which it is taken to have converged (its CCP iterations stop on a step size instead).
 TORCHJD_CONVERGED = 1e-4
-
-
-def _jacobian(family: str, tasks: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    dim = tasks + 5
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    if family == "rank_deficient":
-        jac = randn(tasks, max(1, tasks // 2))  # T > d
-    elif family == "duplicated":
-        jac = randn((tasks + 1) // 2, dim).repeat(2, 1)[:tasks]
-    else:
-        jac = randn(tasks, dim)
-        if family == "near_zero_row":
-            jac[0] *= 1e-6
-        elif family == "zero_row":
-            jac[-1] = 0.0
-        elif family == "conflicting":  # g_{2k+1} = -g_{2k} + small noise
-            jac[1::2] = -jac[0::2][: tasks // 2] + 0.01 * randn(tasks // 2, dim)
-    return jac.to(dtype)
 
 
 def _residual(gramian: Tensor, weights: Tensor) -> float:

@@ -18,7 +18,8 @@ DTYPES = (torch.float32, torch.float64)
 RTOL = 1e-6
 
 
-def _jacobian(family: str, tasks: int, dtype: torch.dtype, seed: int = 0) -> Tensor:
+def _jacobian(family: str, tasks: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> Tensor:
+    """A Jacobian of the named family (shared by the fast weightings' tests)."""
     gen = torch.Generator().manual_seed(seed)
     dim = tasks + 5
 
@@ -82,7 +83,14 @@ def test_mgda_matches_torchjd(tasks: int, family: str, dtype: torch.dtype, loop:
     else:  # the accelerator path (masked iterations, periodic checks), exercised on the CPU
         actual = fast._device_loop(gramian, torch.full((tasks,), 1.0 / tasks, dtype=dtype))
     assert actual.shape == (tasks,) and actual.dtype == dtype
-    _assert_close(actual, expected)
+    if family == "duplicated":
+        # Duplicated tasks tie in G @ alpha, so which copy Frank-Wolfe moves towards is decided by the last bit of
+        # a float32 product (it varied between CPUs); the weights are then not unique, but the update J^T w is: compare
+        # it in Gramian space (G w = J J^T w) and the objective w^T G w.
+        _assert_close(gramian @ actual, gramian @ expected, rtol=1e-5)
+        _assert_close(actual @ gramian @ actual, expected @ gramian @ expected, rtol=1e-5)
+    else:
+        _assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("epsilon,max_iters", [(1e-1, 5), (1e-5, 7), (1e-8, 300)])

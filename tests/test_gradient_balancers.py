@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchjd.aggregation as tjd
+from conftest import without_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -574,14 +575,7 @@ def test_module_step_gives_the_same_gradients_with_the_heads_handed_over(cls, mo
         model = MultiTaskModule(
             MLPEncoder((5,), hidden=[8, 6]), specs, balancer=cls(mode=mode) if mode == "parameter" else cls()
         )
-        model.trainer = SimpleNamespace(  # one process; "this step is not logged"
-            world_size=1,
-            global_step=0,
-            fast_dev_run=False,
-            is_last_batch=False,
-            _logger_connector=SimpleNamespace(should_update_logs=False),
-        )
-        model._log_every_train_step = False
+        without_trainer(model)
         frozen = next(p for n, p in model.named_parameters() if n.startswith("heads.b") and n.endswith("bias"))
         frozen.requires_grad_(False)  # a partly frozen head: its frozen tensor is neither handed over nor updated
         if not hand:

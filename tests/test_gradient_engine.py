@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import without_trainer
 
 from mtl_lightning.balancers import MGDA, BalanceInput, EqualWeighting, PCGrad, UPGrad
 from mtl_lightning.balancers.delivery import hand_over, head_scale, surrogate
@@ -148,14 +149,7 @@ def module_grads(balancer, batch, specs) -> dict[str, torch.Tensor]:
     if len(specs) > 1:  # identical heads: identical task gradients, which no method sees as conflicting
         for name in list(model.heads)[1:]:
             model.heads[name].load_state_dict(model.heads[specs[0].name].state_dict())
-    model.trainer = SimpleNamespace(  # one process; "this step is not logged"
-        world_size=1,
-        global_step=0,
-        fast_dev_run=False,
-        is_last_batch=False,
-        _logger_connector=SimpleNamespace(should_update_logs=False),
-    )
-    model._log_every_train_step = False
+    without_trainer(model)
     model.training_step(batch, 0).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
