@@ -61,7 +61,9 @@ def test_matches_torchjd(name: str, T: int, family: str, dtype: torch.dtype) -> 
     ref = ref_cls()(G)
     fast = fast_cls()(G)
     assert fast.shape == (T,) and fast.dtype == dtype
-    _assert_close(fast, ref)
+    # float32: the two solvers round differently, and on strongly conflicting Gramians the last float32 bits of the
+    # products (which differ between CPUs' kernels) move the weights by a few 1e-6; float64 keeps the tight bound.
+    _assert_close(fast, ref, REL_TOL if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
