@@ -16,7 +16,6 @@ is. Elsewhere than glibc (macOS, musl, Windows) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 ENV = "MTL_KEEP_FREED_MEMORY"
@@ -44,12 +43,10 @@ def keep_freed_memory() -> bool:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library already loaded in this process, if it is glibc (no search for the file: that runs ldconfig)."""
     try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+        libc = ctypes.CDLL(None)  # the process's own symbols, the C library's among them
+    except OSError:  # pragma: no cover - Windows has no such handle
         return None
     # gnu_get_libc_version exists in glibc only: musl and others have no mallopt with these meanings
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):

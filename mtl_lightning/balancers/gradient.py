@@ -353,7 +353,7 @@ class GradientBalancer(Balancer):
         if self._fallbacks is None or self._fallbacks.device != weights.device:
             self._fallbacks = torch.zeros((), dtype=torch.long, device=weights.device)
         self._fallbacks += bad
-        equal = present.to(weights.dtype) / present.sum().clamp_min(1)
+        equal = present.to(weights.dtype) * head_scale(present).to(weights.dtype)
         return torch.where(bad, equal, weights)
 
     def _warn_fallbacks(self, step: int) -> None:

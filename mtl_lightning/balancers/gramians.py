@@ -159,11 +159,3 @@ def gramian_of(jacobians: Sequence[Tensor | None], num_tasks: int, device: torch
             matrix = jacobian.reshape(num_tasks, -1).float()
             gramian.addmm_(matrix, matrix.T)
     return gramian
-
-
-def parameter_gramian(sources: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """The T x T Gramian (float32) of the per-task gradients w.r.t. ``params``, from one T-batched backward.
-
-    See :func:`parameter_jacobians`; the T x P Jacobian is freed once its Gramian is taken.
-    """
-    return gramian_of(parameter_jacobians(sources, grads, params), grads[0].shape[0], grads[0].device)
