@@ -77,6 +77,8 @@ class MTLCLI(LightningCLI):
         # config) and for a data module without a vocab_size attribute (then the encoder's own value is kept), so
         # configs with other encoders or other data are untouched.
         parser.link_arguments("data.vocab_size", ENCODER_VOCAB_SIZE, apply_on="instantiate")
+        # Likewise the padding id of data that pads (a tokenizer's): the encoder masks those positions out.
+        parser.link_arguments("data.pad_id", "model.init_args.encoder.init_args.pad_id", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         # Kept to tell the model options typed on the command line from those of config files (_parse_ckpt_path).

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -29,6 +30,7 @@ from mtl_lightning.encoders import (
     PLE,
     CrossStitch,
     CrossStitchConv,
+    HFEncoder,
     MLPEncoder,
     MMoE,
     PartialSharing,
@@ -44,6 +46,7 @@ from mtl_lightning.tasks import TaskSpec
 FLAT = (6,)
 IMAGE = (3, 8, 8)
 SPECS = [TaskSpec("ta", "binary"), TaskSpec("tb", "regression")]
+TINY_BERT = REPO / "mtl_lightning" / "data" / "examples" / "text_tiny" / "model"
 
 BIND, FSDP, LOGS = contracts.SupportsBindTasks, contracts.SupportsFSDPUnits, contracts.SupportsTrainingLogs
 FLOPS, SHAPE, VOCAB = contracts.SupportsFlopsPerSample, contracts.HasInputShape, contracts.HasVocabSize
@@ -58,6 +61,8 @@ ENCODERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], set[type]]] 
         (5,),
         {FSDP, FLOPS, VOCAB},
     ),
+    # The tiny BERT config that ships with the text example, random weights.
+    "hf": (lambda: HFEncoder((5,), str(TINY_BERT), pretrained=False), (5,), {FSDP, VOCAB}),
     "shared_bottom": (lambda: SharedBottom(FLAT, shared=[8], tower=[4]), FLAT, {BIND, FSDP}),
     "partial_sharing": (lambda: PartialSharing(FLAT, hidden=[8, 4], shared_layers=1), FLAT, {BIND, FSDP}),
     "mmoe": (lambda: MMoE(FLAT, num_experts=2, expert_hidden=[4]), FLAT, {BIND, FSDP, LOGS}),

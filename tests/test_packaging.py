@@ -28,7 +28,7 @@ def test_torchjd_extras_are_the_ones_torchjd_publishes() -> None:
     assert not unknown, f"torchjd does not publish the extras {unknown}; it publishes {sorted(published)}"
 
 
-@pytest.mark.parametrize("name", ["lightning", "torchjd"])
+@pytest.mark.parametrize("name", ["lightning", "torchjd", "transformers"])
 def test_bounded_dependencies_are_installed_in_their_tested_range(name: str) -> None:
     (req,) = [r for r in project_requirements() if r.name == name and not r.extras]
     assert any(s.operator == "<" for s in req.specifier), f"{name} has no upper bound in pyproject.toml"

@@ -10,6 +10,7 @@ from mtl_lightning.data.sampling import EvalBatchSampler, TaskBatchSampler, task
 from mtl_lightning.data.sequences import SequenceDataModule
 from mtl_lightning.data.synthetic import SyntheticDataModule
 from mtl_lightning.data.tabular import TabularDataModule
+from mtl_lightning.data.text import TextDataModule, TokenDataset
 
 __all__ = [
     "CensusIncomeDataModule",
@@ -25,6 +26,8 @@ __all__ = [
     "SyntheticImageDataModule",
     "TabularDataModule",
     "TaskBatchSampler",
+    "TextDataModule",
+    "TokenDataset",
     "collate_batch",
     "split_indices",
     "task_probabilities",

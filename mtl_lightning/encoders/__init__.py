@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from mtl_lightning.encoders.cnn import SmallCNN
 from mtl_lightning.encoders.cross_stitch import CrossStitch, CrossStitchConv, CrossStitchUnit
+from mtl_lightning.encoders.hf import HFEncoder
 from mtl_lightning.encoders.mlp import MLPEncoder
 from mtl_lightning.encoders.mmoe import MMoE
 from mtl_lightning.encoders.mtan import MTAN
@@ -25,6 +26,7 @@ __all__ = [
     "CrossStitch",
     "CrossStitchConv",
     "CrossStitchUnit",
+    "HFEncoder",
     "MLPEncoder",
     "MMoE",
     "PartialSharing",
@@ -42,11 +44,19 @@ if TYPE_CHECKING:
     from mtl_lightning import contracts as c
 
     _PER_TASK = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE, PartialSharing, SharedBottom, TaskConditioned)
-    _encoders: tuple[type[c.Encoder], ...] = (MLPEncoder, SmallCNN, ResNetEncoder, TransformerEncoder, *_PER_TASK)
+    _encoders: tuple[type[c.Encoder], ...] = (
+        MLPEncoder,
+        SmallCNN,
+        ResNetEncoder,
+        TransformerEncoder,
+        HFEncoder,
+        *_PER_TASK,
+    )
     _bind_tasks: tuple[type[c.SupportsBindTasks], ...] = _PER_TASK
     _fsdp_units: tuple[type[c.SupportsFSDPUnits], ...] = (
         ResNetEncoder,
         TransformerEncoder,
+        HFEncoder,
         CGC,
         MTAN,
         PLE,
@@ -59,4 +69,4 @@ if TYPE_CHECKING:
     _training_logs: tuple[type[c.SupportsTrainingLogs], ...] = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE)
     _flops: tuple[type[c.SupportsFlopsPerSample], ...] = (TransformerEncoder,)
     _input_shape: tuple[type[c.HasInputShape], ...] = (SmallCNN,)
-    _vocab_size: tuple[type[c.HasVocabSize], ...] = (TransformerEncoder,)
+    _vocab_size: tuple[type[c.HasVocabSize], ...] = (TransformerEncoder, HFEncoder)
