@@ -125,10 +125,12 @@ class HFEncoder(nn.Module):
         finding it by size needs neither the architecture's attribute names nor transformers' private
         ``_no_split_modules``.
         """
-        lists: list[nn.ModuleList] = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-        if not lists:
-            return []
-        return list(max(lists, key=_parameter_count))
+        best: nn.Module | None = None
+        best_size = -1
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and _parameter_count(module) > best_size:
+                best, best_size = module, _parameter_count(module)
+        return [] if best is None else list(best.children())
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.is_floating_point() or tokens.ndim != 2:
