@@ -3,12 +3,14 @@ padding, loading, size checks), on tiny models and tokenizers the tests build: n
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART
+from conftest import CONFIGS, QUICKSTART, REPO
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mtl_lightning.cli import MTLCLI
@@ -205,3 +207,13 @@ def test_the_cli_links_the_tokenizers_size_and_padding_into_the_encoder(tmp_path
     assert isinstance(enc, HFEncoder)
     assert enc.pad_id == 3 == cli.datamodule.pad_id
     assert enc.vocab_size == enc.embedded == size
+
+
+def test_the_data_path_benchmark_reports_its_ratio(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("text_data_path", REPO / "benchmarks" / "text_data_path.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--rows", "200", "--rounds", "1", "--steps", "2", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert "200 rows" in out and re.search(r"batch / step: median \d+\.\d+", out), out
