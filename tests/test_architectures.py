@@ -22,6 +22,7 @@ from mtl_lightning.encoders import (
     PLE,
     CrossStitch,
     CrossStitchConv,
+    CrossTaskAttention,
     MMoE,
     PartialSharing,
     SharedBottom,
@@ -42,6 +43,7 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "cross_stitch": (lambda: CrossStitch(FLAT, hidden=[16, 8]), FLAT, 8),
     "cross_stitch_conv": (lambda: CrossStitchConv(IMAGE, channels=[4, 8], pooled_size=2), IMAGE, 32),
     "mtan": (lambda: MTAN(IMAGE, channels=[4, 8, 8], pooled_size=2), IMAGE, 32),
+    "cross_attention": (lambda: CrossTaskAttention(FLAT, hidden=[16, 8], num_heads=2), FLAT, 8),
     "task_conditioned_film": (lambda: TaskConditioned(FLAT, hidden=[16, 8], embedding_dim=4), FLAT, 8),
     "task_conditioned_concat": (
         lambda: TaskConditioned(FLAT, hidden=[16, 8], embedding_dim=4, conditioning="concat"),

@@ -30,6 +30,7 @@ from mtl_lightning.encoders import (
     PLE,
     CrossStitch,
     CrossStitchConv,
+    CrossTaskAttention,
     HFEncoder,
     MLPEncoder,
     MMoE,
@@ -70,6 +71,7 @@ ENCODERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], set[type]]] 
     "ple": (lambda: PLE(FLAT, num_levels=2, expert_hidden=[4]), FLAT, {BIND, FSDP, LOGS}),
     "cross_stitch": (lambda: CrossStitch(FLAT, hidden=[4]), FLAT, {BIND, FSDP, LOGS}),
     "cross_stitch_conv": (lambda: CrossStitchConv(IMAGE, channels=[4, 4], pooled_size=1), IMAGE, {BIND, FSDP, LOGS}),
+    "cross_attention": (lambda: CrossTaskAttention(FLAT, hidden=[4], num_heads=2), FLAT, {BIND, FSDP, LOGS}),
     "mtan": (lambda: MTAN(IMAGE, channels=[4, 4], pooled_size=1), IMAGE, {BIND, FSDP, LOGS}),
     "task_conditioned": (lambda: TaskConditioned(FLAT, hidden=[4], embedding_dim=2), FLAT, {BIND}),
 }

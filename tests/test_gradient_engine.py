@@ -15,6 +15,7 @@ from mtl_lightning.balancers import MGDA, BalanceInput, EqualWeighting, PCGrad, 
 from mtl_lightning.balancers.delivery import hand_over, head_scale, surrogate
 from mtl_lightning.balancers.gradient_sources import task_gradients
 from mtl_lightning.balancers.gramians import AutogramGramian, BatchedParameterGramian, RepresentationGramian
+from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec
 
 NAMES = "abc"
@@ -271,3 +272,11 @@ def test_non_finite_weights_fall_back_to_equal_weights_with_a_warning_on_the_nex
         assert out.weights.tolist() == [0.5, 0.0, 0.5]
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in heads.parameters())
+
+
+def test_autogram_refuses_parameters_that_no_leaf_module_uses() -> None:
+    # nn.MultiheadAttention holds in_proj_weight itself and calls out_proj's weight outside out_proj's forward:
+    # the autogram engine's module hooks would see neither, and the Gramian would silently leave them out.
+    encoder = nn.Sequential(nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True))
+    with pytest.raises(ConfigError, match=r"autogram cannot see parameters .*1\.in_proj_weight.*gramian: batched"):
+        AutogramGramian(encoder)

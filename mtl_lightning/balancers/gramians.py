@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.balancers.gradient_sources import TaskGradients
+from mtl_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
     from torchjd.autogram import Engine
@@ -76,6 +77,21 @@ class AutogramGramian(_ParameterGramian):
         # The engine hooks the encoder's leaf modules, and its hooks expect compute_gramian after every forward that
         # records a graph; so it exists only when this backend is chosen.
         leaves = [m for m in encoder.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+        # A parameter of a module with children (nn.MultiheadAttention's in_proj_weight) is used in no leaf's
+        # forward, so no hook sees it and the Gramian would silently leave it out.
+        inner = [
+            f"{name}.{p_name}" if name else p_name
+            for name, m in encoder.named_modules()
+            if list(m.children())
+            for p_name, p in m.named_parameters(recurse=False)
+            if p.requires_grad
+        ]
+        if inner:
+            raise ConfigError(
+                f"gramian: autogram cannot see parameters held by modules that have submodules ({inner[:3]}"
+                f"{' ...' if len(inner) > 3 else ''}, e.g. nn.MultiheadAttention's): its Gramian would leave them "
+                "out. Use gramian: batched, or hold those weights in leaf modules (nn.Linear)"
+            )
         self.engine: Engine = Engine(*leaves, batch_dim=None)
 
     def __call__(self, grads: TaskGradients, amp: bool = False) -> Tensor:

@@ -7,6 +7,7 @@ return one tensor (hard sharing) or a ``{task: tensor}`` dict (one representatio
 from typing import TYPE_CHECKING
 
 from mtl_lightning.encoders.cnn import SmallCNN
+from mtl_lightning.encoders.cross_attention import CrossTaskAttention
 from mtl_lightning.encoders.cross_stitch import CrossStitch, CrossStitchConv, CrossStitchUnit
 from mtl_lightning.encoders.hf import HFEncoder
 from mtl_lightning.encoders.mlp import MLPEncoder
@@ -26,6 +27,7 @@ __all__ = [
     "CrossStitch",
     "CrossStitchConv",
     "CrossStitchUnit",
+    "CrossTaskAttention",
     "HFEncoder",
     "MLPEncoder",
     "MMoE",
@@ -43,7 +45,18 @@ if TYPE_CHECKING:
     # The hooks each built-in encoder claims, checked by mypy (tests/test_contracts.py checks them at run time).
     from mtl_lightning import contracts as c
 
-    _PER_TASK = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE, PartialSharing, SharedBottom, TaskConditioned)
+    _PER_TASK = (
+        CGC,
+        MTAN,
+        PLE,
+        CrossStitch,
+        CrossStitchConv,
+        CrossTaskAttention,
+        MMoE,
+        PartialSharing,
+        SharedBottom,
+        TaskConditioned,
+    )
     _encoders: tuple[type[c.Encoder], ...] = (
         MLPEncoder,
         SmallCNN,
@@ -62,11 +75,20 @@ if TYPE_CHECKING:
         PLE,
         CrossStitch,
         CrossStitchConv,
+        CrossTaskAttention,
         MMoE,
         PartialSharing,
         SharedBottom,
     )
-    _training_logs: tuple[type[c.SupportsTrainingLogs], ...] = (CGC, MTAN, PLE, CrossStitch, CrossStitchConv, MMoE)
+    _training_logs: tuple[type[c.SupportsTrainingLogs], ...] = (
+        CGC,
+        MTAN,
+        PLE,
+        CrossStitch,
+        CrossStitchConv,
+        CrossTaskAttention,
+        MMoE,
+    )
     _flops: tuple[type[c.SupportsFlopsPerSample], ...] = (TransformerEncoder,)
     _input_shape: tuple[type[c.HasInputShape], ...] = (SmallCNN,)
     _vocab_size: tuple[type[c.HasVocabSize], ...] = (TransformerEncoder, HFEncoder)
