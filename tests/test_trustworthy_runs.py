@@ -367,3 +367,13 @@ def test_a_run_without_a_logger_writes_no_config_into_its_root(tmp_path: Path) -
     main(args)
     main(args)  # a second run in the same place is not refused because of the first one's config.yaml
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_fast_dev_run_writes_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's own on_train_end wrote last.ckpt even under fast_dev_run, into ./checkpoints (no logger folder).
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        ["fit", "--config", str(QUICKSTART), "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
+    )
+    assert cli.trainer.state.finished
+    assert not list(tmp_path.rglob("*.ckpt"))

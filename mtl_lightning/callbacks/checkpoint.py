@@ -60,3 +60,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._saved_last_in_hook = False
         super().on_validation_end(trainer, pl_module)
         self._ensure_last(trainer, not compat.saves_on_train_epoch_end(self, trainer))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning 2.6's on_train_end writes last.ckpt without its own skip rule, so a fast_dev_run (which saves no
+        # checkpoint anywhere else) left checkpoints/last.ckpt in the working directory.
+        if getattr(trainer, "fast_dev_run", False):
+            return
+        super().on_train_end(trainer, pl_module)
