@@ -65,6 +65,21 @@ def without_trainer(model: object) -> object:
     return model
 
 
+def build_cli(*args: str) -> MTLCLI:
+    """``mtl`` with the quickstart and ``args``, instantiated (model, data, trainer) but not run."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    return MTLCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=["--config", str(QUICKSTART), *args, "--trainer.logger", "false"],
+    )
+
+
 def run_cli(args: list[str], root: Path) -> MTLCLI:
     """``mtl <args>`` in-process, writing logs, configs and checkpoints under ``root``."""
     return main([*args, "--trainer.default_root_dir", str(root)])

@@ -10,10 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART, REPO
-from lightning.pytorch import LightningDataModule, LightningModule
+from conftest import CONFIGS, REPO, build_cli
 
-from mtl_lightning.cli import MTLCLI
 from mtl_lightning.data import DataError, TextDataModule, TokenDataset
 from mtl_lightning.data.examples.make_text import SPECIAL, make_table, write_model_config, write_tokenizer
 from mtl_lightning.encoders import HFEncoder
@@ -181,27 +179,10 @@ def test_the_cli_links_the_tokenizers_size_and_padding_into_the_encoder(tmp_path
     table.to_csv(tmp_path / "reviews.csv", index=False)
     order = ["[UNK]", "[CLS]", "[SEP]", "[PAD]"]
     size = write_tokenizer(table["text"].tolist(), tmp_path / "tokenizer", special_tokens=order)
-    cli = MTLCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=[
-            "--config",
-            str(QUICKSTART),
-            "--model",
-            str(CONFIGS / "model" / "hf.yaml"),
-            "--data",
-            str(CONFIGS / "data" / "text.yaml"),
-            "--data.init_args.path",
-            str(tmp_path / "reviews.csv"),
-            "--data.init_args.tokenizer",
-            str(tmp_path / "tokenizer"),
-            "--trainer.logger",
-            "false",
-        ],
+    cli = build_cli(
+        *("--model", str(CONFIGS / "model" / "hf.yaml"), "--data", str(CONFIGS / "data" / "text.yaml")),
+        *("--data.init_args.path", str(tmp_path / "reviews.csv")),
+        *("--data.init_args.tokenizer", str(tmp_path / "tokenizer")),
     )
     enc = cli.model.encoder
     assert isinstance(enc, HFEncoder)
