@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIGS, REPO, build_cli
+from conftest import CONFIGS, REPO, build_cli, mp_callback, subprocess_env
 
 from mtl_lightning.data import DataError, TextDataModule, TokenDataset
 from mtl_lightning.data.examples.make_text import SPECIAL, make_table, write_model_config, write_tokenizer
@@ -125,6 +127,15 @@ def test_padding_changes_no_output(text_dir: Path, pooling: str) -> None:
     torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_every_parameter_gets_a_gradient(text_dir: Path, pooling: str) -> None:
+    # DDP stops at the first step on a parameter the loss does not reach (BERT's pooler, unless dropped).
+    enc = encoder(text_dir, pooling=pooling)
+    enc(torch.tensor([[2, 10, 11, 3, 0]])).square().sum().backward()
+    # The embedding rows of ids not in the batch get zero gradients, but a gradient: DDP needs only that.
+    assert [n for n, p in enc.named_parameters() if p.grad is None] == []
+
+
 def test_pooling_reads_the_models_hidden_states(text_dir: Path) -> None:
     torch.manual_seed(0)
     cls, mean = encoder(text_dir, pooling="cls").eval(), encoder(text_dir, pooling="mean").eval()
@@ -198,3 +209,51 @@ def test_the_data_path_benchmark_reports_its_ratio(capsys: pytest.CaptureFixture
     bench.main(["--rows", "200", "--rounds", "1", "--steps", "2", "--batch-size", "16"])
     out = capsys.readouterr().out
     assert "200 rows" in out and re.search(r"batch / step: median \d+\.\d+", out), out
+
+
+# ------------------------------------------------------------------------------------------------------- DDP
+DETERMINISTIC = """
+model:
+  init_args:
+    encoder: {init_args: {config_overrides: {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}}
+    optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.1}}
+data:
+  init_args: {shuffle: false}
+trainer:
+  max_epochs: 2
+  limit_train_batches: 6
+  limit_val_batches: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+@pytest.mark.integration  # two CLI runs in subprocesses, one of them 2 processes (~40 s on 2 CPU cores)
+def test_ddp_on_text_equals_one_process(tmp_path: Path) -> None:
+    # Each rank pads its half of a batch to that half's longest row, one process pads the whole batch: padding is
+    # masked, so the two must train the same weights.
+    (tmp_path / "deterministic.yaml").write_text(DETERMINISTIC)
+    weights = {}
+    for run, extra in {
+        "single": ["--data.init_args.batch_size", "64"],
+        "ddp": ["--trainer", str(CONFIGS / "trainer" / "ddp_cpu.yaml"), "--data.init_args.batch_size", "32"],
+    }.items():
+        root = tmp_path / run
+        args = ["fit", "--config", str(CONFIGS / "experiment" / "text_hf_tiny.yaml")]
+        args += ["--config", str(tmp_path / "deterministic.yaml"), *extra]
+        args += ["--trainer.logger.init_args.save_dir", str(root), *mp_callback("DumpRun", out=str(root / "dump"))]
+        proc = subprocess.run(
+            [sys.executable, "-m", "mtl_lightning", *args],
+            cwd=REPO,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        weights[run] = torch.load(root / "dump" / "weights.pt", weights_only=True)
+    single, ddp = weights["single"], weights["ddp"]
+    assert single.keys() == ddp.keys()
+    diff = max((single[k].double() - ddp[k].double()).abs().max().item() for k in single)
+    assert diff <= 1e-5, f"DDP differs from one process by {diff:.3g}"
+    assert any(k.startswith("encoder.model.") for k in single)

@@ -88,6 +88,10 @@ class HFEncoder(nn.Module):
             )
         else:
             self.model = transformers.AutoModel.from_config(config, dtype=torch_dtype)
+        if isinstance(getattr(self.model, "pooler", None), nn.Module):
+            # BERT-style models' pooler (dense + tanh on [CLS], for their next-sentence head) feeds nothing read
+            # here: left in, its parameters get no gradient and DDP stops at the first step (unused parameters).
+            self.model.pooler = None
         self.max_length = int(input_shape[0])
         self.pooling = pooling
         self.pad_id = getattr(config, "pad_token_id", None) if pad_id is None else int(pad_id)
