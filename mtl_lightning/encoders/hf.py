@@ -97,7 +97,8 @@ class HFEncoder(nn.Module):
         self.pad_id = getattr(config, "pad_token_id", None) if pad_id is None else int(pad_id)
         self.embedded = int(self.model.get_input_embeddings().num_embeddings)
         self.vocab_size = self.embedded if vocab_size is None else int(vocab_size)
-        self.out_features = int(config.hidden_size)
+        # hidden_size on most configs (aliased by DistilBERT's and others' attribute maps); d_model on BART-like ones.
+        self.out_features = int(getattr(config, "hidden_size", None) or config.d_model)
         self._check_sizes(model_name_or_path, getattr(config, "max_position_embeddings", None))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
