@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,18 @@ def build_cli(*args: str) -> MTLCLI:
         auto_configure_optimizers=False,
         run=False,
         args=["--config", str(QUICKSTART), *args, "--trainer.logger", "false"],
+    )
+
+
+def mtl_subprocess(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m mtl_lightning <args>`` in a child process from the repository root (multi-process runs, kills)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mtl_lightning", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

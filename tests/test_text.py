@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIGS, REPO, build_cli, mp_callback, subprocess_env
+from conftest import CONFIGS, REPO, build_cli, mp_callback, mtl_subprocess
 
 from mtl_lightning.data import DataError, TextDataModule, TokenDataset
 from mtl_lightning.data.examples.make_text import SPECIAL, make_table, write_model_config, write_tokenizer
@@ -242,14 +240,7 @@ def test_ddp_on_text_equals_one_process(tmp_path: Path) -> None:
         args = ["fit", "--config", str(CONFIGS / "experiment" / "text_hf_tiny.yaml")]
         args += ["--config", str(tmp_path / "deterministic.yaml"), *extra]
         args += ["--trainer.logger.init_args.save_dir", str(root), *mp_callback("DumpRun", out=str(root / "dump"))]
-        proc = subprocess.run(
-            [sys.executable, "-m", "mtl_lightning", *args],
-            cwd=REPO,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = mtl_subprocess(args)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         weights[run] = torch.load(root / "dump" / "weights.pt", weights_only=True)
     single, ddp = weights["single"], weights["ddp"]

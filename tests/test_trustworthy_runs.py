@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, QUICKSTART, REPO, mp_callback, run_cli, subprocess_env
+from conftest import CONFIGS, QUICKSTART, REPO, mp_callback, mtl_subprocess, run_cli, subprocess_env
 
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint, capture, restore
 from mtl_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointError
@@ -150,15 +150,6 @@ def test_per_task_data_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- kill -9 (real processes)
-def _mtl(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mtl_lightning", *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.mark.integration
@@ -177,10 +168,10 @@ def test_kill_9_then_ckpt_path_last_ends_like_an_uninterrupted_run(
         dumps[name] = tmp_path / name / "dump"
         args = [*_fit(tmp_path / name, *extra), *mp_callback("DumpRun", out=str(dumps[name]))]
         if name == "cut":
-            killed = _mtl([*args, *mp_callback("KillAfterStep", step=step)])
+            killed = mtl_subprocess([*args, *mp_callback("KillAfterStep", step=step)])
             assert killed.returncode != 0 and not dumps[name].exists(), killed.stderr[-2000:]
             args += ["--ckpt_path", "last"]
-        done = _mtl(args)
+        done = mtl_subprocess(args)
         assert done.returncode == 0, done.stderr[-3000:]
     full, cut = torch.load(dumps["full"] / "weights.pt"), torch.load(dumps["cut"] / "weights.pt")
     for name, value in full.items():
