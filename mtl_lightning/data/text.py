@@ -147,6 +147,8 @@ class TextDataModule(TabularDataModule):
                 f"(rows {_shown(too_long.tolist())}, up to {int(lengths.max())} tokens); set truncation: true or "
                 "a larger max_length"
             )
+        # Padded here, not by the tokenizer: some tokenizers pad on the left (padding_side), and TokenDataset's cut
+        # to a batch's longest row needs the padding on the right.
         ids = np.full((len(encoded), self.max_length), self.pad_id, dtype=np.int64)
         for row, seq in enumerate(encoded):
             ids[row, : len(seq)] = seq

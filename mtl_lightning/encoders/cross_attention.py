@@ -101,10 +101,9 @@ class CrossTaskAttention(PerTaskEncoder):
         return {name: z[:, i] for i, name in enumerate(self.task_names)}
 
     def training_logs(self) -> dict[str, Tensor]:
-        pairs = [(t, s) for t in self.task_names for s in self.task_names]
+        names = self.task_names
         weights = self._last_attention
-        if weights is None or weights.shape[1] != len(self.task_names):
-            return zero_logs([f"attention/{t}/{s}" for t, s in pairs], self)
+        if weights is None or weights.shape[1] != len(names):
+            return zero_logs([f"attention/{t}/{s}" for t in names for s in names], self)
         mean = weights.float().mean(dim=0)  # (T, T)
-        n = len(self.task_names)
-        return {f"attention/{t}/{s}": mean[i // n, i % n] for i, (t, s) in enumerate(pairs)}
+        return {f"attention/{t}/{s}": mean[i, j] for i, t in enumerate(names) for j, s in enumerate(names)}

@@ -130,11 +130,8 @@ class HFEncoder(nn.Module):
         finding it by size needs neither the architecture's attribute names nor transformers' private
         ``_no_split_modules``.
         """
-        best: nn.Module | None = None
-        best_size = -1
-        for module in self.model.modules():
-            if isinstance(module, nn.ModuleList) and _parameter_count(module) > best_size:
-                best, best_size = module, _parameter_count(module)
+        lists: list[nn.Module] = [m for m in self.model.modules() if isinstance(m, nn.ModuleList)]
+        best = max(lists, key=_parameter_count, default=None)
         return [] if best is None else list(best.children())
 
     def forward(self, tokens: Tensor) -> Tensor:
