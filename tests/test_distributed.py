@@ -18,7 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import CONFIGS, QUICKSTART, QUIET_TRAINER, REPO, SMALL_DATA, mp_callback, run_cli, subprocess_env
+from conftest import (
+    CONFIGS,
+    QUICKSTART,
+    QUIET_TRAINER,
+    REPO,
+    SMALL_DATA,
+    mp_callback,
+    mtl_subprocess,
+    run_cli,
+    subprocess_env,
+)
 
 from mtl_lightning.cli import main
 from mtl_lightning.errors import ConfigError
@@ -68,7 +78,7 @@ def _fit_args(root: Path, preset: str, epochs: int = EPOCHS) -> list[str]:
 def _mtl(args: list[str], expect: int = 0, timeout: int = 300) -> str:
     cmd = [sys.executable, "-m", "mtl_lightning", *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+        proc = mtl_subprocess(args, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"hung (killed after {err.timeout} s): {' '.join(cmd)}")
     log = (proc.stdout + proc.stderr)[-4000:]
