@@ -36,10 +36,15 @@ LIGHTNING_COMMANDS = {
     "predict": "per-task predictions of a model (--ckpt_path)",
 }
 # Commands with their own parser, each a module with ``main(argv: list[str]) -> int``; imported only when used.
-COMMANDS = {"export": "mtl_lightning.export", "compress": "mtl_lightning.compression.cli"}
+COMMANDS = {
+    "export": "mtl_lightning.export",
+    "compress": "mtl_lightning.compression.cli",
+    "serve": "mtl_lightning.serve.cli",
+}
 COMMAND_HELP = {
     "export": "a checkpoint as one ONNX or torch.export file, every task's output included",
     "compress": "quantise or factorise (SVD) a checkpoint, or report what one holds",
+    "serve": "an HTTP server (LitServe) answering per-task predictions for a checkpoint or ONNX file",
 }
 DESCRIPTION = (
     "Multi-task training with Lightning: mtl fit|validate|test|predict --config CONFIG. Other commands: "
@@ -90,7 +95,8 @@ def usage() -> str:
     lines += [
         "",
         "Each command has its own help: mtl fit --help (every option of the model, data and trainer),",
-        "mtl export --help, mtl compress --help. mtl fit --print_config prints the merged config of a run.",
+        "mtl export --help, mtl compress --help, mtl serve --help. mtl fit --print_config prints the merged config",
+        "of a run.",
         "fit, validate, test and predict without --config run configs/quickstart.yaml.",
     ]
     return "\n".join(lines)

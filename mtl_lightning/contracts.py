@@ -20,6 +20,7 @@ protocol                              read by
 :class:`MultiTaskData`                the CLI (links ``tasks`` and ``input_shape`` into the model), ``export.py``
 :class:`HasSplitRows`                 ``callbacks.PredictionWriter`` (``source_row`` column)
 :class:`HasClassNames`                ``callbacks.PredictionWriter`` (``<task>_label`` column)
+:class:`HasInputSchema`               ``callbacks.InputSchemaCheckpoint`` (what ``mtl serve`` encodes records with)
 :class:`BatchPartsSampler`            ``callbacks.PredictionWriter`` (``task`` and ``id`` of per-task batches)
 :class:`HasGradientTelemetry`         ``callbacks.GradientConflictHeatmap``
 :class:`HasGradientMode`              ``callbacks.EncoderFinetuning`` (refuses to freeze under parameter mode)
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import Tensor, nn
 
+    from mtl_lightning.input_schema import InputSchema
     from mtl_lightning.tasks import TaskSpec
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "HasClassNames",
     "HasGradientMode",
     "HasGradientTelemetry",
+    "HasInputSchema",
     "HasInputShape",
     "HasSplitRows",
     "HasVocabSize",
@@ -189,6 +192,18 @@ class HasSplitRows(Protocol):
 
     @property
     def split_rows(self) -> Mapping[str, Sequence[int] | np.ndarray]: ...
+
+
+@runtime_checkable
+class HasInputSchema(Protocol):
+    """A data module that encodes named columns (a table): ``input_schema`` is its fitted encoding, or None.
+
+    :class:`~mtl_lightning.callbacks.input_schema.InputSchemaCheckpoint` saves it in every checkpoint, so that
+    ``mtl serve`` takes records by column name and encodes them as training did.
+    """
+
+    @property
+    def input_schema(self) -> InputSchema | None: ...
 
 
 @runtime_checkable

@@ -45,6 +45,7 @@ from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
 from mtl_lightning.errors import ConfigError, OneLineArgumentParser
+from mtl_lightning.input_schema import CHECKPOINT_KEY
 from mtl_lightning.metrics import predictions
 from mtl_lightning.module import MultiTaskModule
 from mtl_lightning.tasks import TaskSpec
@@ -98,9 +99,11 @@ def load_model(ckpt_path: str) -> MultiTaskModule:
         ) from err
     # The module keeps only plain hparams once built; the encoder's config (with the linked input_shape) is read
     # from the file, memory-mapped so that a large checkpoint is not read twice.
-    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-    # A plain attribute MultiTaskModule does not declare; nn.Module types undeclared ones as Tensor | Module.
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = saved.get("hyper_parameters") or {}
+    # Plain attributes MultiTaskModule does not declare; nn.Module types undeclared ones as Tensor | Module.
     model.saved_encoder_config = hparams.get("encoder")  # type: ignore[assignment]
+    model.saved_data_schema = saved.get(CHECKPOINT_KEY)
     return model.eval()
 
 
@@ -164,7 +167,7 @@ def check_tasks(model_specs: Sequence[TaskSpec], data_specs: Sequence[TaskSpec])
         )
 
 
-def _saved_input_shape(model: MultiTaskModule) -> tuple[int, ...] | None:
+def saved_input_shape(model: MultiTaskModule) -> tuple[int, ...] | None:
     """The encoder's ``input_shape``: from its config in the checkpoint's hparams, else from the encoder."""
     encoder_cfg = getattr(model, "saved_encoder_config", None)
     if isinstance(encoder_cfg, Mapping):
@@ -179,7 +182,7 @@ def example_from_data(datamodule: Any, model: MultiTaskModule) -> Tensor:
     """The first rows of the config's predict data (its test split unless it has its own predict split)."""
     data = datamodule if isinstance(datamodule, MultiTaskData) else None
     check_tasks(list(model.tasks.values()), list(data.tasks) if data is not None else [])
-    saved = _saved_input_shape(model)
+    saved = saved_input_shape(model)
     given = data.input_shape if data is not None else None
     if saved is not None and given is not None and tuple(given) != saved:
         raise ExportError(
@@ -199,7 +202,7 @@ def example_from_data(datamodule: Any, model: MultiTaskModule) -> Tensor:
 
 def example_from_checkpoint(model: MultiTaskModule) -> Tensor:
     """Random inputs of the encoder's saved ``input_shape``: token ids below ``vocab_size``, else floats."""
-    shape = _saved_input_shape(model)
+    shape = saved_input_shape(model)
     if shape is None:
         raise ExportError(
             f"cannot tell the input shape of encoder {type(model.encoder).__name__} from the checkpoint; pass "
@@ -222,7 +225,11 @@ def _rows(inputs: Tensor, n: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------- exporting
 def _metadata(model: MultiTaskModule, outputs: str) -> dict[str, str]:
     tasks = [s.to_dict() for s in model.tasks.values()]
-    return {"mtl_tasks": json.dumps(tasks), "mtl_outputs": outputs, "mtl_input": INPUT_NAME}
+    meta = {"mtl_tasks": json.dumps(tasks), "mtl_outputs": outputs, "mtl_input": INPUT_NAME}
+    schema = getattr(model, "saved_data_schema", None)
+    if schema is not None:  # the table's encoding, so that `mtl serve model.onnx` takes records by column name
+        meta[CHECKPOINT_KEY] = json.dumps(schema)
+    return meta
 
 
 @contextmanager

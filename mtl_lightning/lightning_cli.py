@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from mtl_lightning import errors
 from mtl_lightning.callbacks.checkpoint import ModelCheckpoint
+from mtl_lightning.callbacks.input_schema import InputSchemaCheckpoint
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
 from mtl_lightning.callbacks.run_folder import RemoveFailedRunFolder
 from mtl_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint, load_checkpoint_file, translate_load_error
@@ -51,7 +52,8 @@ def default_progress_bar() -> ProgressBar:
 
 
 def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
-    """The run's callbacks, set up so that ``last.ckpt`` is the newest state and a resume is exact.
+    """The run's callbacks, set up so that ``last.ckpt`` is the newest state, a resume is exact and checkpoints
+    carry the data's input schema.
 
     Every plain Lightning ``ModelCheckpoint`` becomes :class:`mtl_lightning.callbacks.ModelCheckpoint` (a subclass
     that adds no arguments and no state, so changing the class of the built object is safe), and a
@@ -62,6 +64,8 @@ def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
             callback.__class__ = ModelCheckpoint
     if not any(isinstance(c, RandomStateCheckpoint) for c in callbacks):
         callbacks = [*callbacks, RandomStateCheckpoint()]
+    if not any(isinstance(c, InputSchemaCheckpoint) for c in callbacks):  # what `mtl serve` needs to encode records
+        callbacks = [*callbacks, InputSchemaCheckpoint()]
     return callbacks
 
 

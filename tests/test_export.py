@@ -40,7 +40,7 @@ def _expected(model: MultiTaskModule, x: torch.Tensor, outputs: str) -> dict[str
 
 
 def _inputs(model: MultiTaskModule, n: int) -> torch.Tensor:
-    shape = ex._saved_input_shape(model)
+    shape = ex.saved_input_shape(model)
     assert shape is not None
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(n))
 

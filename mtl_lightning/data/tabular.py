@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from mtl_lightning.data.base import DataError, MultiTaskDataModule, split_indices
 from mtl_lightning.data.datasets import MultiTaskTensorDataset
+from mtl_lightning.input_schema import InputSchema
 from mtl_lightning.tasks import IGNORE_INDEX, TaskSpec
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -182,6 +183,7 @@ class TabularDataModule(MultiTaskDataModule):
         # Filled by _load on first use of input_shape, datasets or the properties below (the CLI reads
         # input_shape to build the model before setup, so loading cannot wait for setup).
         self._feature_names: list[str] = []
+        self._feature_columns: list[str] = []
         self._feature_stats: dict[str, tuple[float, float]] = {}
         self._categories: dict[str, list[str]] = {}
         self._class_names: dict[str, list[str]] = {}
@@ -267,6 +269,14 @@ class TabularDataModule(MultiTaskDataModule):
         return self._class_names
 
     @property
+    def input_schema(self) -> InputSchema | None:
+        """The fitted encoding as data (saved in checkpoints, so ``mtl serve`` encodes records as training did)."""
+        self._load()
+        return InputSchema.from_encoding(
+            self._feature_columns, self._feature_stats, self._categories, self._class_names
+        )
+
+    @property
     def split_rows(self) -> dict[str, np.ndarray]:
         """Positions (0-based) of each split's rows in its source file, to join predictions back to rows."""
         self._load()
@@ -281,6 +291,7 @@ class TabularDataModule(MultiTaskDataModule):
             return self._loaded
         frames, sources = self._read_splits()
         features = self._resolve_columns(frames, sources)
+        self._feature_columns = list(features)
         train = frames["train"]
         if self.categorical is None:  # an explicit list is the user's decision; only the automatic one guesses
             self._check_text_in_numbers(frames, features, sources)

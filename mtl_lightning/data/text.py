@@ -117,6 +117,11 @@ class TextDataModule(TabularDataModule):
         return len(self.tokenizer)
 
     @property
+    def input_schema(self) -> None:
+        """None: text is tokenised, not encoded by columns (a server takes token ids as tensors)."""
+        return None
+
+    @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
