@@ -145,7 +145,7 @@ class InputSchema:
         for i, record in enumerate(records):
             where = f"record {i}"
             if not isinstance(record, Mapping):
-                raise RecordError(f"{where} is a {type(record).__name__}; a record is an object {{column: value}}")
+                raise RecordError(f"{where} is {type(record).__name__!r}, not an object {{column: value}}")
             self.check_columns(record, where)
             offset = 0
             for col in self.columns:
