@@ -7,31 +7,61 @@ starts from scratch: a resume silently lost. Here ``last`` is resolved before th
 logger's ``version`` is pinned to that run, so the resumed run writes its logs and checkpoints where the
 interrupted one did and Lightning's own ``last`` lookup finds the checkpoint. With no such checkpoint the run
 stops with an error instead of starting over.
+
+MLflow and W&B start a new run (a new run id, so a new checkpoint folder) likewise; for them the run id is pinned
+instead (MLFlowLogger's ``run_id``, WandbLogger's ``id``), and the resumed run continues the tracker's run too:
+the newest ``<store>/<experiment id>/<run id>/checkpoints/last.ckpt`` (MLflow's local store) or
+``<save_dir>/<project>/<run id>/checkpoints/last.ckpt`` (W&B).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from mtl_lightning import trackers
 from mtl_lightning.checkpoint_io import check_checkpoint
 from mtl_lightning.errors import ConfigError
 
-# Loggers whose log folder is <save_dir>/<name>/version_<N> (or <version> when given).
-_VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+# Per kind of logger, the init args that name a run, the first of which is pinned: Lightning puts a run's checkpoints
+# in <save_dir>/<name>/<version>/checkpoints, and for these loggers <version> is the folder of the run they continue
+# when given (TensorBoard/CSV: version_N; W&B: the run id; MLflow: the run id, under the experiment's id).
+_RUN_KEYS = {
+    "TensorBoardLogger": ("version",),
+    "CSVLogger": ("version",),
+    "WandbLogger": ("id", "version"),
+    "MLFlowLogger": ("run_id",),
+}
 
 
-def _versioned_logger(logger: Any) -> MutableMapping[str, Any] | None:
-    """The ``init_args`` of the first TensorBoard/CSV logger config, or None."""
-    for entry in logger if isinstance(logger, list) else [logger]:
-        path = getattr(entry, "class_path", None) or (entry.get("class_path") if isinstance(entry, dict) else None)
-        if path and str(path).rsplit(".", 1)[-1] in _VERSIONED_LOGGERS:
-            args = entry["init_args"] if isinstance(entry, dict) else entry.init_args
-            return args
-    return None
+def _first_logger(trainer: Mapping[str, Any]) -> tuple[str, MutableMapping[str, Any]] | None:
+    """(class name, init_args) of the run's first logger (the one Lightning's checkpoint folder follows), if known."""
+    entries = trackers.logger_entries(trainer)
+    return entries[0] if entries and entries[0][0] in _RUN_KEYS else None
+
+
+def _runs_root(name: str, args: Mapping[str, Any], trainer: Mapping[str, Any]) -> Path:
+    """The folder holding one folder per run of this logger's experiment (as Lightning's ModelCheckpoint builds it)."""
+    if name == "WandbLogger":
+        project = args.get("project") or os.environ.get("WANDB_PROJECT") or "lightning_logs"
+        return Path(args.get("save_dir") or args.get("dir") or ".") / str(project)
+    if name == "MLFlowLogger":
+        uri = trackers.mlflow_tracking_uri(args)
+        # MLFlowLogger.save_dir is the store's folder for a file: URI, else None (then default_root_dir is used).
+        base = uri[len("file:") :] if uri.startswith("file:") else trainer.get("default_root_dir") or "."
+        if uri.startswith("file:") and not Path(base).is_dir():
+            return Path(base)  # no store yet, so no run (opening it would create an empty one)
+        experiment = trackers.mlflow_experiment_id(args)
+        if experiment is None:
+            raise ConfigError(
+                f"--ckpt_path last: MLflow has no experiment {args.get('experiment_name') or 'lightning_logs'!r} at "
+                f"{uri} to resume; start without --ckpt_path, or check experiment_name and tracking_uri"
+            )
+        return Path(base) / experiment
+    return Path(args.get("save_dir") or ".") / str(args.get("name") or "lightning_logs")
 
 
 def _explicit_dirpath(callbacks: Any) -> bool:
@@ -65,10 +95,14 @@ def resolve_last(trainer: MutableMapping[str, Any], ckpt_path: str | None) -> Pa
     """
     if ckpt_path != "last" or _explicit_dirpath(trainer.get("callbacks")):
         return None
-    logger = _versioned_logger(trainer.get("logger"))
-    if logger is None or logger.get("version") is not None:
+    logger = _first_logger(trainer)
+    if logger is None:
         return None
-    root = Path(logger.get("save_dir") or ".") / str(logger.get("name") or "lightning_logs")
+    name, args = logger
+    keys = _RUN_KEYS[name]
+    if any(args.get(key) is not None for key in keys):
+        return None
+    root = _runs_root(name, args, trainer)
     found = latest_run_with_last(root) if root.is_dir() else None
     if found is None:
         raise ConfigError(
@@ -77,7 +111,10 @@ def resolve_last(trainer: MutableMapping[str, Any], ckpt_path: str | None) -> Pa
         )
     version, last = found
     check_checkpoint(last)  # a truncated last.ckpt: one line naming the newest checkpoint of the run that loads
-    logger["version"] = int(version[len("version_") :]) if re.fullmatch(r"version_\d+", version) else version
+    pinned: int | str = version
+    if name in ("TensorBoardLogger", "CSVLogger") and re.fullmatch(r"version_\d+", version):
+        pinned = int(version[len("version_") :])
+    args[keys[0]] = pinned
     return root / version
 
 

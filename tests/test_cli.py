@@ -25,6 +25,7 @@ GROUP_FLAGS = {
     "model": "--model",
     "balancer": "--model.balancer",
     "callbacks": "--trainer.callbacks+",
+    "logger": "--trainer.logger",
 }
 NEEDS_CUDA = {
     "trainer/gpu.yaml",

@@ -17,6 +17,7 @@ def _trainer(*checkpoints: ModelCheckpoint) -> SimpleNamespace:
         sanity_checking=False,
         fast_dev_run=False,
         log_dir=None,
+        loggers=[],
         is_global_zero=True,
         callback_metrics={"val/loss": torch.tensor(0.5), "val/a/loss": torch.tensor(0.25)},
         checkpoint_callbacks=list(checkpoints),

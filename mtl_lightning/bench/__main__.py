@@ -19,6 +19,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from mtl_lightning.bench.delta import markdown, summarise
 from mtl_lightning.bench.plan import Plan, RunSpec, make_plan
@@ -49,7 +52,29 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
     p.add_argument("--isolate", action="store_true", help="each run in a fresh Python process (~5 s more per run)")
     p.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the others")
+    p.add_argument(
+        "--logger",
+        type=Path,
+        default=None,
+        help="the runs' logger config, e.g. configs/logger/mlflow.yaml (default TensorBoard); each run is named "
+        "after its variant and seed",
+    )
     return p.parse_args(own), extra
+
+
+def load_logger(path: Path | None) -> dict[str, Any] | None:
+    """The logger config of ``--logger`` (a ``class_path`` with its ``init_args``), or None."""
+    if path is None:
+        return None
+    try:
+        logger = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SuiteError(
+            f"--logger {path}: cannot read it ({err}); give a file such as configs/logger/mlflow.yaml"
+        ) from None
+    if not isinstance(logger, dict) or "class_path" not in logger:
+        raise SuiteError(f"--logger {path}: a logger config has a class_path (and init_args), e.g. configs/logger/")
+    return logger
 
 
 def _command(spec: RunSpec) -> str:
@@ -78,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = suite.pick_seeds(opts.seeds)
     out = opts.out if opts.out is not None else Path("runs") / "bench" / suite.name
     csv_path, md_path = out / "results.csv", out / "results.md"
-    runs = plan.runs(seeds, out, opts.only)
+    runs = plan.runs(seeds, out, opts.only, load_logger(opts.logger))
     if opts.dry_run:
         print("\n".join(_command(r) for r in runs))
         return 0

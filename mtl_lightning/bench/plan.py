@@ -32,11 +32,15 @@ class Job:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A job at one seed, with its own output folder ``<out>/runs/<run>/seed_<seed>``."""
+    """A job at one seed, with its own output folder ``<out>/runs/<run>/seed_<seed>``.
+
+    ``logger`` is a logger config (``configs/logger/*.yaml``, read by ``mtl-bench --logger``); None: TensorBoard.
+    """
 
     job: Job
     seed: int
     out: Path = field(compare=False)
+    logger: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def run_dir(self) -> Path:
@@ -45,10 +49,7 @@ class RunSpec:
     @property
     def args(self) -> list[str]:
         """The full ``mtl fit`` arguments: the job's, then the seed and this run's own log folder (last: they win)."""
-        logger = {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(self.out / "runs"), "name": self.job.run, "version": f"seed_{self.seed}"},
-        }
+        logger = run_logger(self)
         return [
             *self.job.args,
             "--seed_everything",
@@ -66,10 +67,40 @@ class Plan:
     jobs: list[Job]
     primaries: dict[str, Primary]
 
-    def runs(self, seeds: Sequence[int], out: Path, only: Sequence[str] | None = None) -> list[RunSpec]:
+    def runs(
+        self,
+        seeds: Sequence[int],
+        out: Path,
+        only: Sequence[str] | None = None,
+        logger: Mapping[str, Any] | None = None,
+    ) -> list[RunSpec]:
         """Every (job, seed), seed-major so an interrupted benchmark has whole seeds done; ``only``: variant names."""
         jobs = [j for j in self.jobs if not only or j.variant in only]
-        return [RunSpec(job, seed, out) for seed in seeds for job in jobs]
+        return [RunSpec(job, seed, out, logger) for seed in seeds for job in jobs]
+
+
+def run_logger(spec: RunSpec) -> dict[str, Any]:
+    """The logger config of one run: ``spec.logger`` (TensorBoard when None) named after the run and its seed.
+
+    TensorBoard and CSV: ``<out>/runs/<run>/seed_<seed>``. MLflow: one experiment per suite (``<out>``'s name) in
+    the store ``<out>/mlflow`` unless the config names a tracking URI, one run per (run, seed), tagged. W&B: one
+    project per suite, ``<out>/wandb``, runs grouped by the bench run. Another logger: its config as given.
+    """
+    preset = spec.logger or {"class_path": "lightning.pytorch.loggers.TensorBoardLogger"}
+    class_path = str(preset["class_path"])
+    args = dict(preset.get("init_args") or {})
+    run, seed = spec.job.run, f"seed_{spec.seed}"
+    kind = class_path.rsplit(".", 1)[-1]
+    if kind in ("TensorBoardLogger", "CSVLogger"):
+        args.update(save_dir=str(spec.out / "runs"), name=run, version=seed)
+    elif kind == "MLFlowLogger":
+        if not args.get("tracking_uri"):
+            args["save_dir"] = str(spec.out / "mlflow")
+        tags = {"mtl_bench.run": run, "mtl_bench.variant": spec.job.variant, "mtl_bench.seed": str(spec.seed)}
+        args.update(experiment_name=spec.out.name, run_name=f"{run}/{seed}", tags=tags)
+    elif kind == "WandbLogger":
+        args.update(save_dir=str(spec.out / "wandb"), project=spec.out.name, name=f"{run}/{seed}", group=run)
+    return {"class_path": class_path, "init_args": args}
 
 
 def restrict_args(mode: str, task: str, specs: Mapping[str, Mapping[str, Any]]) -> list[str]:

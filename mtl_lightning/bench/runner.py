@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 
+from mtl_lightning import trackers
 from mtl_lightning.bench.resolve import build_cli
 
 
@@ -69,6 +70,7 @@ def run_in_process(args: Sequence[str]) -> RunResult:
     trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=path, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     result = RunResult(metrics=metrics, wall_time_s=time.perf_counter() - start, checkpoint=which)
+    trackers.end_runs(trainer)  # a W&B run ends with its bench run, not at the end of the process
     del cli, trainer
     gc.collect()
     if torch.cuda.is_available():  # the next run starts with the memory this one held

@@ -1,4 +1,4 @@
-"""Write the pairwise cosine similarities of the task gradients to TensorBoard as a heatmap image.
+"""Write the pairwise cosine similarities of the task gradients as a heatmap image to every logger that takes images.
 
 Gradient balancers (:class:`~mtl_lightning.balancers.GradientBalancer`) keep the last ``T x T`` cosine matrix of
 the per-task gradients in ``balancer.last_cosine`` (the :class:`~mtl_lightning.contracts.HasGradientTelemetry`
@@ -6,15 +6,18 @@ contract, which a balancer of one's own can meet too) whenever they compute tele
 written, see ``trainer.log_every_n_steps``). This callback renders the latest one: blue = opposed gradients
 (cosine -1), white = orthogonal, red = aligned (+1); rows and columns follow the model's task order, which is
 written once as a text entry next to the images. Rendered with torch alone (no matplotlib).
+
+The images go to TensorBoard (``add_image``), MLflow (``log_image``, under the run's images) and W&B (``log_image``,
+the task order as the caption); loggers without images (CSV) are skipped (:func:`mtl_lightning.trackers.log_image`).
 """
 
 from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from mtl_lightning import trackers
 from mtl_lightning.contracts import HasGradientTelemetry
 
 TAG = "train/balance/cosine_heatmap"
@@ -31,7 +34,7 @@ def cosine_heatmap(cosine: Tensor, cell: int = 24) -> Tensor:
 
 
 class GradientConflictHeatmap(Callback):
-    """Every ``every_n_steps`` optimizer steps, add the latest gradient-cosine heatmap to each TensorBoard logger.
+    """Every ``every_n_steps`` optimizer steps, add the latest gradient-cosine heatmap to each logger that takes images.
 
     Does nothing for balancers without gradient telemetry (loss weighting) or with ``telemetry: false``.
 
@@ -64,15 +67,16 @@ class GradientConflictHeatmap(Callback):
         step = trainer.global_step
         if self._last_step is not None and step - self._last_step < self.every_n_steps:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
+        if not trainer.loggers:
             return
         image = cosine_heatmap(cosine, self.cell)
         names = list(balancer.task_names)
-        for logger in loggers:
-            writer = logger.experiment
-            writer.add_image(TAG, image, step, dataformats="HWC")
-            if not self._names_written and names:
-                writer.add_text(f"{TAG}/tasks", "rows and columns, top to bottom: " + ", ".join(names), step)
+        order = "rows and columns, top to bottom: " + ", ".join(names) if names else None
+        written = [lg for lg in trainer.loggers if trackers.log_image(lg, TAG, image, step, caption=order)]
+        if not written:
+            return
+        if not self._names_written and order:
+            for logger in written:
+                trackers.log_text(logger, f"{TAG}/tasks", order, step)
         self._names_written = True
         self._last_step, self._last_matrix = step, cosine

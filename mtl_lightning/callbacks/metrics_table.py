@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from rich.console import Console
 from rich.table import Table
 
+from mtl_lightning import trackers
+
 
 def task_table(metrics: dict[str, float], stage: str) -> Table | None:
     """A table with one row per task and one column per metric, from names ``{stage}/{task}/{metric}``."""
@@ -54,5 +56,7 @@ class MetricsTable(Callback):
                 console.print(f"best checkpoint{value}: {cb.best_model_path}")
             if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
                 console.print(f"last checkpoint: {cb.last_model_path}")
-        if log_dir:
-            console.print(f"TensorBoard: tensorboard --logdir {log_dir}")
+        for logger in trainer.loggers:  # how to look at the run: tensorboard, mlflow ui, wandb sync, metrics.csv
+            hint = trackers.viewer_hint(logger, log_dir)
+            if hint:
+                console.print(hint, soft_wrap=True)  # one line, to copy as it is
