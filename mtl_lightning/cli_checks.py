@@ -10,6 +10,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_lightning._imports import import_from_path
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.tasks import TaskSpec, parse_tasks
 
@@ -27,12 +28,44 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def require_checkpoint(subcommand: str, ckpt_path: str | None, init_from: str | None) -> str | None:
+def own_weights_option(class_path: Any) -> str | None:
+    """The option through which a model class loads its trained weights itself, or None (the usual case).
+
+    A class says so with a ``weights_option`` class attribute (``MultiTaskEnsemble``: ``checkpoints``); such a model
+    is evaluated without ``--ckpt_path``. A class path that does not import gives None: jsonargparse reports it.
+    """
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    try:
+        cls = import_from_path(class_path, "model")
+    except ConfigError:
+        return None
+    option = getattr(cls, "weights_option", None)
+    return option if isinstance(option, str) else None
+
+
+def refuse_ckpt_path(ckpt_path: str | None, weights_option: str | None) -> None:
+    """A model that loads its own weights (``weights_option``) takes no ``--ckpt_path``: it would be replaced by
+    the checkpoint's model, or have its weights overwritten."""
+    if weights_option and ckpt_path:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} cannot be given with a model that loads its weights from "
+            f"model.init_args.{weights_option}: drop --ckpt_path and list the checkpoints in --model.init_args.{weights_option}"
+        )
+
+
+def require_checkpoint(
+    subcommand: str, ckpt_path: str | None, init_from: str | None, weights_option: str | None = None
+) -> str | None:
     """The ``ckpt_path`` to run with: refuse validate/test/predict of an untrained model unless asked for.
 
     Without a checkpoint Lightning evaluates the freshly initialised model and exits 0, which reads as a result.
-    ``--ckpt_path untrained`` asks for exactly that (it returns None); a model with ``init_from`` has weights already.
+    ``--ckpt_path untrained`` asks for exactly that (it returns None); a model with ``init_from``, or one that loads
+    its own weights (``weights_option``, see :func:`own_weights_option`), has weights already.
     """
+    refuse_ckpt_path(ckpt_path, weights_option)
+    if weights_option:
+        return None
     if ckpt_path == UNTRAINED:
         return None
     if subcommand in _EVALUATING and not ckpt_path and not init_from:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch import Tensor
+    from torch.optim.swa_utils import AveragedModel
 
 
 class InternalsMoved(RuntimeError):
@@ -118,6 +119,18 @@ def set_model_parallel_sizes(strategy: ModelParallelStrategy, data_parallel: int
             raise InternalsMoved(moved("lightning", f"ModelParallelStrategy.{name}"))
     strategy._data_parallel_size = data_parallel
     strategy._tensor_parallel_size = tensor_parallel
+
+
+def averaged_model(callback: Any) -> AveragedModel | None:
+    """The ``AveragedModel`` of a Lightning ``WeightAveraging`` callback (None before its ``setup`` for fit).
+
+    Private: ``WeightAveraging._average_model``; Lightning has no public accessor, and the subclasses in
+    mtl_lightning/callbacks/weight_averaging.py need the average to recompute its BatchNorm statistics.
+    """
+    if not hasattr(callback, "_average_model"):
+        raise InternalsMoved(moved("lightning", "WeightAveraging._average_model"))
+    average: AveragedModel | None = callback._average_model
+    return average
 
 
 # ----------------------------------------------------------------------------------------------------- torch

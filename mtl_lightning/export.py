@@ -1,7 +1,11 @@
 """``mtl export``: the whole multi-task model (encoder and every head) as one ONNX or ``torch.export`` file.
 
-    mtl export --ckpt_path CKPT [--format onnx|torch_export] [--output PATH] [--outputs predictions|logits]
-               [--opset N] [--config CONFIG ...] [--data.init_args.KEY VALUE ...] [--overwrite] [--no-check]
+    mtl export --ckpt_path CKPT [CKPT ...] [--format onnx|torch_export|triton] [--output PATH]
+               [--outputs predictions|logits] [--opset N] [--config CONFIG ...] [--data.init_args.KEY VALUE ...]
+               [--overwrite] [--no-check]
+
+``--format triton`` writes a Triton Inference Server model repository around the ONNX file
+(:mod:`mtl_lightning.export_triton`: ``config.pbtxt`` with the per-task outputs and dynamic batching).
 
 The exported program takes one input, ``inputs`` (a batch of any size), and returns one output per task, in the
 model's task order and named after the task: the ONNX graph's outputs are named ``<task>``; the ``.pt2`` program
@@ -12,6 +16,10 @@ stack needs nothing of this package; ``--outputs logits`` gives the raw head out
 fuse your own calibration or thresholds). Shapes: ``(N,)`` for binary and single-output regression, ``(N, K)``
 otherwise. The task specs and the output kind are stored in the file: ONNX metadata ``mtl_tasks`` /
 ``mtl_outputs``; for ``.pt2``, ``torch.export.load(path, extra_files={"mtl_tasks.json": ""})``.
+
+Several ``--ckpt_path`` export their ensemble (:mod:`mtl_lightning.ensemble`): one graph that runs every member and
+averages their predictions per task as ``mtl test`` of the ensemble does (``--output`` is then required; the
+member files are listed in the metadata ``mtl_ensemble``).
 
 The tasks come from the checkpoint. ``--config`` (the config the model was trained with, stacked as in ``mtl fit``)
 is optional: its data gives the example batch the graph is traced with, and its tasks must match the checkpoint's.
@@ -44,6 +52,7 @@ from mtl_lightning.callbacks.prediction_writer import check_writable
 from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
+from mtl_lightning.ensemble import MultiTaskEnsemble, load_ensemble
 from mtl_lightning.errors import ConfigError, OneLineArgumentParser
 from mtl_lightning.input_schema import CHECKPOINT_KEY
 from mtl_lightning.metrics import predictions
@@ -59,6 +68,8 @@ EXAMPLE_ROWS = 4  # >= 2: torch.export specialises a dimension whose example siz
 CHECK_ATOL = 1e-4
 CHECK_RTOL = 1e-4
 INSTALL_HINT = 'pip install "mtl_lightning[export]" (onnx, onnxruntime, onnxscript)'
+Model = MultiTaskModule | MultiTaskEnsemble
+"""What exports: one trained model or an ensemble of them (the same forward, tasks and saved input shape)."""
 
 
 class ExportError(ConfigError):
@@ -68,7 +79,7 @@ class ExportError(ConfigError):
 class TaskOutputs(nn.Module):
     """The model with its per-task outputs in task order: a tuple (ONNX output names) or a dict (``.pt2``)."""
 
-    def __init__(self, model: MultiTaskModule, outputs: str = "predictions", as_dict: bool = False):
+    def __init__(self, model: Model, outputs: str = "predictions", as_dict: bool = False):
         super().__init__()
         self.model = model
         self.specs: list[TaskSpec] = list(model.tasks.values())
@@ -167,7 +178,7 @@ def check_tasks(model_specs: Sequence[TaskSpec], data_specs: Sequence[TaskSpec])
         )
 
 
-def saved_input_shape(model: MultiTaskModule) -> tuple[int, ...] | None:
+def saved_input_shape(model: Model) -> tuple[int, ...] | None:
     """The encoder's ``input_shape``: from its config in the checkpoint's hparams, else from the encoder."""
     encoder_cfg = getattr(model, "saved_encoder_config", None)
     if isinstance(encoder_cfg, Mapping):
@@ -178,7 +189,7 @@ def saved_input_shape(model: MultiTaskModule) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape is not None else None
 
 
-def example_from_data(datamodule: Any, model: MultiTaskModule) -> Tensor:
+def example_from_data(datamodule: Any, model: Model) -> Tensor:
     """The first rows of the config's predict data (its test split unless it has its own predict split)."""
     data = datamodule if isinstance(datamodule, MultiTaskData) else None
     check_tasks(list(model.tasks.values()), list(data.tasks) if data is not None else [])
@@ -200,7 +211,7 @@ def example_from_data(datamodule: Any, model: MultiTaskModule) -> Tensor:
     return _rows(inputs, EXAMPLE_ROWS)
 
 
-def example_from_checkpoint(model: MultiTaskModule) -> Tensor:
+def example_from_checkpoint(model: Model) -> Tensor:
     """Random inputs of the encoder's saved ``input_shape``: token ids below ``vocab_size``, else floats."""
     shape = saved_input_shape(model)
     if shape is None:
@@ -223,9 +234,11 @@ def _rows(inputs: Tensor, n: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- exporting
-def _metadata(model: MultiTaskModule, outputs: str) -> dict[str, str]:
+def _metadata(model: Model, outputs: str) -> dict[str, str]:
     tasks = [s.to_dict() for s in model.tasks.values()]
     meta = {"mtl_tasks": json.dumps(tasks), "mtl_outputs": outputs, "mtl_input": INPUT_NAME}
+    if isinstance(model, MultiTaskEnsemble):
+        meta["mtl_ensemble"] = json.dumps(model.checkpoints)
     schema = getattr(model, "saved_data_schema", None)
     if schema is not None:  # the table's encoding, so that `mtl serve model.onnx` takes records by column name
         meta[CHECKPOINT_KEY] = json.dumps(schema)
@@ -247,7 +260,7 @@ def _quiet_export() -> Any:
         logger.setLevel(level)
 
 
-def _encoder_error(model: MultiTaskModule, fmt: str, err: Exception) -> ExportError:
+def _encoder_error(model: Model, fmt: str, err: Exception) -> ExportError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ExportError(
         f"encoder {type(model.encoder).__name__} could not be exported to {fmt}: {type(err).__name__}: {first}. "
@@ -255,7 +268,7 @@ def _encoder_error(model: MultiTaskModule, fmt: str, err: Exception) -> ExportEr
     )
 
 
-def export_onnx(model: MultiTaskModule, example: Tensor, path: Path, outputs: str, opset: int | None) -> None:
+def export_onnx(model: Model, example: Tensor, path: Path, outputs: str, opset: int | None) -> None:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"ONNX export needs {missing}: {INSTALL_HINT}")
@@ -281,7 +294,7 @@ def export_onnx(model: MultiTaskModule, example: Tensor, path: Path, outputs: st
     program.save(str(path))  # weights inside the file unless the model is over ONNX's 2 GB limit
 
 
-def export_torch(model: MultiTaskModule, example: Tensor, path: Path, outputs: str) -> None:
+def export_torch(model: Model, example: Tensor, path: Path, outputs: str) -> None:
     wrapper = TaskOutputs(model, outputs, as_dict=True).eval()
     try:
         with _quiet_export(), torch.no_grad():
@@ -310,7 +323,7 @@ def run_torch(path: Path, inputs: Tensor) -> dict[str, Tensor]:
         return dict(torch.export.load(str(path)).module()(inputs))
 
 
-def check_export(model: MultiTaskModule, fmt: str, path: Path, example: Tensor, outputs: str) -> float | None:
+def check_export(model: Model, fmt: str, path: Path, example: Tensor, outputs: str) -> float | None:
     """Max |exported - PyTorch| over the tasks on the example batch and its first row (None: cannot run ONNX)."""
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return None
@@ -343,8 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with one named output per task.",
         epilog="Other --data.*/--model.* arguments are passed on with the --config files.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="the checkpoint (tasks and encoder are read from it)")
-    parser.add_argument("--format", choices=sorted(FORMATS), help="default: from --output's suffix, else onnx")
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        nargs="+",
+        help="the checkpoint (tasks and encoder are read from it); several: their ensemble, averaged per task",
+    )
+    from mtl_lightning import export_triton  # imported here: it builds on this module
+
+    parser.add_argument(
+        "--format", choices=sorted([*FORMATS, export_triton.FORMAT]), help="default: from --output's suffix, else onnx"
+    )
     parser.add_argument("--output", help="file to write; default: the checkpoint's path with .onnx / .pt2")
     parser.add_argument(
         "--outputs",
@@ -361,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-check", dest="check", action="store_false", help="skip running the exported file against PyTorch"
     )
+    export_triton.add_arguments(parser)
     return parser
 
 
@@ -379,13 +402,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stray or (rest and not args.config):
         parser.error(f"unrecognized arguments: {' '.join(rest)}" + ("" if args.config else " (no --config given)"))
     fmt = _resolve_format(args.format, args.output)
-    output = Path(args.output) if args.output else Path(args.ckpt_path).with_suffix(FORMATS[fmt])
+    from mtl_lightning import export_triton
+
+    if fmt == export_triton.FORMAT:
+        return export_triton.export_repository(args, rest)
+    export_triton.refuse_options(args, fmt)
+    if len(args.ckpt_path) > 1 and not args.output:
+        raise ExportError("an ensemble of several checkpoints has no default file name: give --output FILE")
+    output = Path(args.output) if args.output else Path(args.ckpt_path[0]).with_suffix(FORMATS[fmt])
     if args.opset is not None and fmt != "onnx":
         raise ExportError("--opset applies to --format onnx only")
     if fmt == "onnx" and args.check and importlib.util.find_spec("onnxruntime") is None:
         print(f"mtl export: onnxruntime is not installed, the exported file is not checked ({INSTALL_HINT})")
     check_writable(output, args.overwrite, what="export file", replace_hint="pass --overwrite")
-    model = load_model(args.ckpt_path)
+    model = load_model(args.ckpt_path[0]) if len(args.ckpt_path) == 1 else load_ensemble(args.ckpt_path)
     if args.config:
         example = example_from_data(config_datamodule(args.config, rest), model)
     else:

@@ -18,8 +18,10 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from mtl_lightning import errors
+from mtl_lightning import errors, trackers
+from mtl_lightning._imports import import_from_path
 from mtl_lightning.callbacks.checkpoint import ModelCheckpoint
+from mtl_lightning.callbacks.config_logging import LoggedConfig
 from mtl_lightning.callbacks.input_schema import InputSchemaCheckpoint
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
 from mtl_lightning.callbacks.run_folder import RemoveFailedRunFolder
@@ -29,6 +31,8 @@ from mtl_lightning.cli_checks import (
     check_same_tasks,
     explicit_model_keys,
     incompatible_shapes,
+    own_weights_option,
+    refuse_ckpt_path,
     require_checkpoint,
     root_dir_into_logger,
 )
@@ -72,6 +76,12 @@ def with_resume_callbacks(callbacks: list[Any]) -> list[Any]:
 class MTLCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with the data's tasks linked into the model."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The run's config also goes to MLflow and W&B, and into their run's folder (callbacks/config_logging.py).
+        if len(args) < 3:  # the third positional argument is save_config_callback
+            kwargs.setdefault("save_config_callback", LoggedConfig)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments(
@@ -104,6 +114,8 @@ class MTLCLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
+        # Before Lightning reads the file: its hparams would replace a model that loads its own weights (an ensemble).
+        refuse_ckpt_path(ckpt_path, own_weights_option(config.get("model.class_path")))
         if not ckpt_path or ckpt_path in (*_LIGHTNING_CKPT_NAMES, UNTRAINED):
             return
         path = check_checkpoint(ckpt_path)
@@ -129,11 +141,15 @@ class MTLCLI(LightningCLI):
         if trainer is None:
             return
         root_dir_into_logger(trainer)
+        trackers.allow_local_mlflow_store(trainer)
         check_trainer_config(trainer)
+        weights_option = own_weights_option(config.get("model.class_path"))
         if self.subcommand is not None:
             config["ckpt_path"] = require_checkpoint(
-                subcommand, config.get("ckpt_path"), config.get("model.init_args.init_from")
+                subcommand, config.get("ckpt_path"), config.get("model.init_args.init_from"), weights_option
             )
+        if weights_option is not None:
+            self._build_directly(config.get("model.class_path"))
         check_same_tasks(
             config.get("model.init_args.tasks"),
             config.get("data.init_args.tasks"),
@@ -143,6 +159,17 @@ class MTLCLI(LightningCLI):
         if resumed is not None:  # the run's folder already holds its config.yaml: keep it, save this one beside it
             self._run_lock = lock_run(resumed)
             self.save_config_kwargs["config_filename"] = resumed_config_name(resumed)
+
+    def _build_directly(self, class_path: str) -> None:
+        """Build the model class ``class_path`` by its own constructor, not through Lightning's instantiator.
+
+        For a model that loads its own weights (an ensemble): it saves its own hyper-parameters (the checkpoints it
+        was built from), and Lightning's instantiator, which records the config as hyper-parameters, would replay
+        the data -> encoder links into them and fail on a model that has no encoder (``Expected key
+        encoder.init_args.input_shape``). ``add_instantiator`` is the jsonargparse API LightningCLI itself uses.
+        """
+        cls = import_from_path(class_path, "model")
+        self.parser.add_instantiator(lambda class_type, *args, **kwargs: class_type(*args, **kwargs), cls, False, True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Lightning's default bar (Rich when installed, as here) costs 15-20% of a small model's step on 2 CPU cores

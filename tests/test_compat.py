@@ -138,6 +138,24 @@ def test_pruning_internals() -> None:
         compat.pruning_targets(object())
 
 
+def test_weight_averaging_internals() -> None:
+    # mtl_lightning/callbacks/weight_averaging.py reads the average that Lightning's WeightAveraging builds in setup.
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import AveragedModel
+
+    callback = WeightAveraging()
+    canary(hasattr(callback, "_average_model"), "lightning", "WeightAveraging._average_model")
+    assert compat.averaged_model(callback) is None
+    module = LightningModule()
+    module.layer = torch.nn.Linear(2, 2)
+    callback.setup(_trainer(), module, "fit")
+    average = compat.averaged_model(callback)
+    assert isinstance(average, AveragedModel) and isinstance(average.module.layer, torch.nn.Linear)
+    with pytest.raises(compat.InternalsMoved, match=r"WeightAveraging\._average_model"):
+        compat.averaged_model(object())
+
+
 # ----------------------------------------------------------------------------------------------------- torch
 def test_child_schedulers() -> None:
     from torch.optim.lr_scheduler import ChainedScheduler, ConstantLR, ExponentialLR, SequentialLR, StepLR

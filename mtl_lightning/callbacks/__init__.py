@@ -8,14 +8,17 @@ from mtl_lightning.callbacks.prediction_writer import PredictionWriter
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
 from mtl_lightning.callbacks.task_schedule import TaskSchedule
 from mtl_lightning.callbacks.throughput import ThroughputTimer
+from mtl_lightning.callbacks.weight_averaging import EMAWeightAveraging, SWAWeightAveraging
 
 __all__ = [
+    "EMAWeightAveraging",
     "EncoderFinetuning",
     "GradientConflictHeatmap",
     "MetricsTable",
     "ModelCheckpoint",
     "PredictionWriter",
     "RandomStateCheckpoint",
+    "SWAWeightAveraging",
     "TaskSchedule",
     "ThroughputTimer",
     "task_table",

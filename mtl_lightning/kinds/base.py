@@ -135,6 +135,21 @@ class TaskKind:
         """A raw output turned into what ``mtl predict`` and the export give: here, the values themselves."""
         return output
 
+    def average_outputs(self, spec: TaskSpec, outputs: Tensor) -> Tensor:
+        """The raw output of an ensemble from its members' raw outputs, stacked on a new first axis ``(M, ...)``.
+
+        Averaging is in prediction space: ``predictions(average_outputs(outputs))`` is the mean of the members'
+        ``predictions``, so the ensemble's losses, metrics and predictions are those of the averaged predictions.
+        The default, the mean of the raw outputs, is right when :meth:`predictions` gives the outputs themselves; a
+        kind with other predictions overrides it (a kind that does not is refused rather than averaged wrongly).
+        """
+        if type(self).predictions is not TaskKind.predictions:
+            raise KindError(
+                f"task {spec.name!r}: kind {self.label} turns outputs into predictions of its own but does not say how "
+                "an ensemble averages them; override TaskKind.average_outputs in the kind"
+            )
+        return outputs.mean(dim=0)
+
     def metric_inputs(self, spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(preds, target) for the metrics. Value metrics cannot ignore entries: only fully labelled rows pass."""
         preds = self.predictions(spec, output.detach())

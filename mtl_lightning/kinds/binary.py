@@ -8,7 +8,7 @@ import numpy as np
 from torch import Generator, Tensor
 
 from mtl_lightning.kinds.base import IGNORE_INDEX, KindError, TargetError
-from mtl_lightning.kinds.classification import ClassificationKind, above
+from mtl_lightning.kinds.classification import ClassificationKind, above, sigmoid_average
 
 if TYPE_CHECKING:
     from mtl_lightning.tasks import TaskSpec
@@ -39,6 +39,10 @@ class BinaryKind(ClassificationKind):
 
     def predictions(self, spec: TaskSpec, output: Tensor) -> Tensor:
         return output.sigmoid()
+
+    def average_outputs(self, spec: TaskSpec, outputs: Tensor) -> Tensor:
+        """The logit of the members' mean probability."""
+        return sigmoid_average(outputs)
 
     def columns(self, spec: TaskSpec, values: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
         prob = values.reshape(-1)

@@ -69,6 +69,17 @@ class ClassificationKind(TaskKind):
         collection.update(preds, target)
 
 
+def sigmoid_average(outputs: Tensor) -> Tensor:
+    """The logit of the mean probability ``sigmoid(outputs)`` over the first axis (an ensemble's members).
+
+    ``log(mean p) - log(mean (1 - p))`` from log-sigmoids with log-sum-exp: finite for every finite logit, where
+    ``logit(mean(sigmoid))`` gives inf once a mean probability rounds to 1 (and then a NaN loss).
+    """
+    log_p = torch.nn.functional.logsigmoid(outputs)
+    log_q = torch.nn.functional.logsigmoid(-outputs)
+    return torch.logsumexp(log_p, dim=0) - torch.logsumexp(log_q, dim=0)
+
+
 def above(probabilities: Any, threshold: float) -> Any:
     """The one threshold rule of binary decisions, torchmetrics' own: a probability above ``threshold`` is 1.
 

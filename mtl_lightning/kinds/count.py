@@ -7,6 +7,7 @@ against the counts: mean absolute error and the Poisson deviance.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -41,6 +42,10 @@ class CountKind(RegressionKind):
 
     def predictions(self, spec: TaskSpec, output: Tensor) -> Tensor:
         return output.exp()
+
+    def average_outputs(self, spec: TaskSpec, outputs: Tensor) -> Tensor:
+        """The log of the members' mean expected count (the head outputs a log-rate)."""
+        return torch.logsumexp(outputs, dim=0) - math.log(outputs.shape[0])
 
     def label_from_signal(self, spec: TaskSpec, signal: Tensor, generator: Generator, noise: float = 0.0) -> Tensor:
         """Poisson draws whose log-rate is the standardised signal (clipped to ±3: at most ~e^2 events)."""

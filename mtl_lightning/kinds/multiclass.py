@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Generator, Tensor
 
 from mtl_lightning.kinds.base import IGNORE_INDEX, TargetError, quantile_classes
@@ -39,6 +41,10 @@ class MulticlassKind(ClassificationKind):
 
     def predictions(self, spec: TaskSpec, output: Tensor) -> Tensor:
         return output.softmax(dim=-1)
+
+    def average_outputs(self, spec: TaskSpec, outputs: Tensor) -> Tensor:
+        """The log of the members' mean class probabilities: its softmax is that mean, its cross-entropy -log of it."""
+        return torch.logsumexp(outputs.log_softmax(dim=-1), dim=0) - math.log(outputs.shape[0])
 
     def columns(self, spec: TaskSpec, values: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
         cols = {f"{spec.name}_prob_{k}": values[:, k] for k in range(values.shape[1])}

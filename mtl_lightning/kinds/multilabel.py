@@ -10,7 +10,7 @@ from torch import Generator, Tensor
 
 from mtl_lightning.kinds.base import spread
 from mtl_lightning.kinds.binary import check_zero_one
-from mtl_lightning.kinds.classification import ClassificationKind, above
+from mtl_lightning.kinds.classification import ClassificationKind, above, sigmoid_average
 
 if TYPE_CHECKING:
     from mtl_lightning.tasks import TaskSpec
@@ -35,6 +35,10 @@ class MultilabelKind(ClassificationKind):
 
     def predictions(self, spec: TaskSpec, output: Tensor) -> Tensor:
         return output.sigmoid()
+
+    def average_outputs(self, spec: TaskSpec, outputs: Tensor) -> Tensor:
+        """Per label, the logit of the members' mean probability."""
+        return sigmoid_average(outputs)
 
     def columns(self, spec: TaskSpec, values: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
         k = values.shape[1]
