@@ -99,6 +99,14 @@ def run_cli(args: list[str], root: Path) -> MTLCLI:
     return main([*args, "--trainer.default_root_dir", str(root)])
 
 
+def fit_quickstart(root: Path, *extra: str) -> Path:
+    """A 4-step quickstart run (``extra``: its other arguments) under ``root``; the path of its last checkpoint."""
+    args = ["fit", "--config", str(QUICKSTART), *extra, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root / "runs")]
+    cli = run_cli(args, root)
+    return Path(cli.trainer.checkpoint_callback.last_model_path)  # type: ignore[union-attr]
+
+
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     # Config files name data paths relative to the repository root, where users run `mtl`.

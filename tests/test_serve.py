@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUICKSTART, REPO, run_cli
+from conftest import QUICKSTART, REPO, fit_quickstart, run_cli
 
 from mtl_lightning.data import TabularDataModule
 from mtl_lightning.input_schema import CHECKPOINT_KEY, InputSchema, RecordError
@@ -29,21 +29,14 @@ TABULAR = REPO / "configs" / "data" / "tabular_example.yaml"
 TARGETS = ["churned", "plan", "lifetime_value"]
 
 
-def _fit(root: Path, *extra: str) -> Path:
-    args = ["fit", "--config", str(QUICKSTART), *extra, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1"]
-    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root / "runs")]
-    cli = run_cli(args, root)
-    return Path(cli.trainer.checkpoint_callback.last_model_path)  # type: ignore[union-attr]
-
-
 @pytest.fixture(scope="module")
 def table_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _fit(tmp_path_factory.mktemp("table"), "--data", str(TABULAR))
+    return fit_quickstart(tmp_path_factory.mktemp("table"), "--data", str(TABULAR))
 
 
 @pytest.fixture(scope="module")
 def tensor_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _fit(tmp_path_factory.mktemp("tensor"), "--data.init_args.num_samples", "600")
+    return fit_quickstart(tmp_path_factory.mktemp("tensor"), "--data.init_args.num_samples", "600")
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

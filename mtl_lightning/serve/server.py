@@ -127,17 +127,20 @@ def build_server(
 def watch(state: ModelState, interval: float, stop: threading.Event) -> threading.Thread:
     """Reload the served file whenever it changes on disk (checked every ``interval`` seconds)."""
 
-    def mtime() -> int | None:
+    def served() -> tuple[str, int | None]:
+        path = state.read()["path"]
         try:
-            return Path(state.read()["path"]).stat().st_mtime_ns
+            return path, Path(path).stat().st_mtime_ns
         except OSError:
-            return None
+            return path, None
 
     def loop() -> None:
-        seen = mtime()
+        seen = served()
         while not stop.wait(interval):
-            now = mtime()
-            if now is None or now == seen:
+            now = served()
+            # another file served since (POST /reload): watch that one from now on, without reloading it again
+            if now[0] != seen[0] or now[1] is None or now == seen:
+                seen = now if now[1] is not None else seen
                 continue
             seen = now
             try:
