@@ -35,6 +35,11 @@ def table_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def other_seed_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit_quickstart(tmp_path_factory.mktemp("table7"), "--data", str(TABULAR), "--seed_everything", "7")
+
+
+@pytest.fixture(scope="module")
 def tensor_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit_quickstart(tmp_path_factory.mktemp("tensor"), "--data.init_args.num_samples", "600")
 
@@ -148,6 +153,25 @@ def test_the_onnx_backend_answers_like_the_checkpoint(table_ckpt: Path, tmp_path
     x = torch_model.schema.encode(rows)  # type: ignore[union-attr]
     for name, want in torch_model.predict(x).items():
         np.testing.assert_allclose(onnx_model.predict(x)[name], want, atol=1e-5, rtol=1e-5)
+
+
+def test_several_checkpoints_serve_as_their_ensemble_averaging_the_members_predictions(
+    table_ckpt: Path, other_seed_ckpt: Path, tmp_path: Path
+) -> None:
+    members = [load_served_model(table_ckpt), load_served_model(other_seed_ckpt)]
+    ensemble = load_served_model([table_ckpt, other_seed_ckpt])
+    assert ensemble.path == [str(table_ckpt), str(other_seed_ckpt)] and ensemble.sha256 not in {
+        m.sha256 for m in members
+    }
+    assert incompatibility(members[0].signature(), ensemble.signature()) is None  # it may replace a member, and back
+    x = members[0].schema.encode(_records(pd.read_csv(TABLE).drop(columns=["id", *TARGETS]).head(9)))  # type: ignore[union-attr]
+    each = [m.predict(x) for m in members]
+    for name, got in ensemble.predict(x).items():
+        np.testing.assert_allclose(got, (each[0][name] + each[1][name]) / 2, rtol=1e-5, atol=1e-6)
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ServeError, match=r"an ensemble is served from its checkpoints \(.ckpt\)"):
+        load_served_model([table_ckpt, onnx_path])
 
 
 # ------------------------------------------------------------------------------------------------ bad requests

@@ -234,6 +234,14 @@ def test_a_server_answers_bad_and_good_requests_each_on_its_own_and_reloads_with
             time.sleep(0.2)
         _assert_same(_predict(client, records).json(), _expected(checkpoints["table"], records))
 
+        # an ensemble of both checkpoints: the mean of their predictions
+        members = [str(checkpoints["table"]), str(checkpoints["retrained"])]
+        assert client.post("/reload", json={"path": members}).json()["version"] == 5
+        got = [e["prob"] for e in _predict(client, records).json()["churned"]]
+        each = [[e["prob"] for e in _expected(Path(m), records)["churned"]] for m in members]
+        np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5)
+        assert client.get("/info").json()["model"]["path"] == members
+
 
 def test_the_onnx_server_answers_as_the_checkpoint_does(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")

@@ -2,6 +2,7 @@
 
     mtl serve --ckpt_path runs/quickstart/version_0/checkpoints/best.ckpt --port 8000
     mtl serve --model model.onnx --port 8000
+    mtl serve --ckpt_path seed0.ckpt seed1.ckpt seed2.ckpt --port 8000      # an ensemble
     curl -s localhost:8000/predict -d '{"inputs": [{"age": 41, "plan": "pro"}]}'
 
 Routes: ``POST /predict`` (``{"inputs": [...]}``, answered ``{task: [entry per row]}``; see
@@ -28,7 +29,11 @@ LOOPBACK = "127.0.0.1"
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="mtl serve", description=__doc__.split("\n\n")[0].strip("` "))
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="a checkpoint of mtl fit (served with PyTorch)")
+    source.add_argument(
+        "--ckpt_path",
+        nargs="+",
+        help="a checkpoint of mtl fit (served with PyTorch); several: their ensemble, predictions averaged per task",
+    )
     source.add_argument("--model", help="a file of mtl export (.onnx: served with ONNX Runtime; .ckpt: PyTorch)")
     parser.add_argument("--host", default=LOOPBACK, choices=[LOOPBACK, "0.0.0.0", "::"], help="default: loopback only")
     parser.add_argument("--port", type=int, default=8000)
@@ -108,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.watch:
             watch(state, args.watch_interval, stop)
         tasks = ", ".join(f"{s.name} ({s.kind})" for s in model.tasks.values())
-        print(f"mtl serve: {record['path']} ({model.backend}, version 1) on http://{args.host}:{args.port}: {tasks}")
+        served = record["path"] if isinstance(record["path"], str) else "an ensemble of " + ", ".join(record["path"])
+        print(f"mtl serve: {served} ({model.backend}, version 1) on http://{args.host}:{args.port}: {tasks}")
         server.run(
             host=args.host,
             port=args.port,

@@ -1,5 +1,8 @@
 """What ``mtl serve`` serves: a checkpoint (PyTorch) or an exported ONNX file (ONNX Runtime), behind one interface.
 
+Several checkpoints are served as their ensemble (:mod:`mtl_lightning.ensemble`: the members' predictions averaged
+per task, as ``mtl test`` of the ensemble scores them); an ensemble exported to one ONNX file serves as any ONNX file.
+
 Both backends give :class:`ServedModel`: the task specs, the input a request must give (a table's schema, or a
 tensor's shape and dtype) and ``predict(inputs) -> {task: predictions}``, the predictions being what ``mtl predict``
 and ``mtl export --outputs predictions`` give (probabilities for classification, values for regression). Its
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,8 @@ class ServeError(ConfigError):
 class ServedModel:
     """A loaded model and what a request must give it."""
 
-    path: str
+    path: str | list[str]
+    """The file, or the member checkpoints of an ensemble (as given to :func:`load_served_model`)."""
     backend: str
     sha256: str
     tasks: dict[str, TaskSpec]
@@ -86,26 +90,46 @@ def infer_backend(path: str | Path) -> str:
     return "onnx" if Path(path).suffix.lower() in ONNX_SUFFIXES else "torch"
 
 
-def load_served_model(path: str | Path, device: str = "cpu", backend: str | None = None) -> ServedModel:
-    """A checkpoint (``.ckpt``: PyTorch) or an ONNX file (``.onnx``: ONNX Runtime), ready to predict."""
-    backend = backend or infer_backend(path)
-    if backend not in BACKENDS:
+ModelPath = str | Path | Sequence[str | Path]
+"""One model file, or the checkpoints of an ensemble."""
+
+
+def _files(path: ModelPath) -> list[Path]:
+    files = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not files:
+        raise ServeError("no model file given; give a .ckpt or .onnx file (or several .ckpt files: an ensemble)")
+    for file in files:
+        if not file.is_file():
+            what = "is a directory, not a file" if file.is_dir() else "does not exist"
+            raise ServeError(
+                f"model file {str(file)!r} {what} (looked for {file.resolve()}); give a .ckpt or .onnx file"
+            )
+    return files
+
+
+def load_served_model(path: ModelPath, device: str = "cpu", backend: str | None = None) -> ServedModel:
+    """A checkpoint (``.ckpt``: PyTorch), several (their ensemble) or an ONNX file (``.onnx``: ONNX Runtime)."""
+    if backend is not None and backend not in BACKENDS:
         raise ServeError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
-    file = Path(path)
-    if not file.is_file():
-        what = "is a directory, not a file" if file.is_dir() else "does not exist"
-        raise ServeError(f"model file {str(path)!r} {what} (looked for {file.resolve()}); give a .ckpt or .onnx file")
-    return _load_onnx(file, device) if backend == "onnx" else _load_torch(file, device)
+    files = _files(path)
+    backend = backend or infer_backend(files[0])
+    if len(files) > 1 and (backend != "torch" or any(infer_backend(f) != "torch" for f in files)):
+        raise ServeError(
+            "an ensemble is served from its checkpoints (.ckpt); to serve it with ONNX Runtime, export it as one "
+            "file (mtl export --ckpt_path A.ckpt B.ckpt ... --output ensemble.onnx) and serve that"
+        )
+    return _load_onnx(files[0], device) if backend == "onnx" else _load_torch(files, device)
 
 
-def _load_torch(path: Path, device: str) -> ServedModel:
+def _load_torch(files: list[Path], device: str) -> ServedModel:
+    from mtl_lightning.ensemble import load_ensemble
     from mtl_lightning.export import load_model, saved_input_shape
 
-    model = load_model(str(path)).to(device)
+    model = (load_model(str(files[0])) if len(files) == 1 else load_ensemble(files)).to(device)
     shape = saved_input_shape(model)
     if shape is None:
         raise ServeError(
-            f"cannot tell the input shape of encoder {type(model.encoder).__name__} from {str(path)!r}; serve an "
+            f"cannot tell the input shape of encoder {type(model.encoder).__name__} from {str(files[0])!r}; serve an "
             "ONNX export of it instead (mtl export --ckpt_path ... --config CONFIG)"
         )
     schema_dict = getattr(model, "saved_data_schema", None)  # load_model reads it from the checkpoint
@@ -120,10 +144,12 @@ def _load_torch(path: Path, device: str) -> ServedModel:
             for name, out in outputs.items()
         }
 
+    digests = [file_sha256(f) for f in files]
     return ServedModel(
-        path=str(path),
+        path=str(files[0]) if len(files) == 1 else [str(f) for f in files],
         backend="torch",
-        sha256=file_sha256(path),
+        # an ensemble's: the digest of its members' digests, so that any member's change is a new model
+        sha256=digests[0] if len(files) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest(),
         tasks=tasks,
         input_shape=shape,
         input_dtype=np.dtype(np.int64 if isinstance(vocab, int) else np.float32),

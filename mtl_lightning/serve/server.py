@@ -111,8 +111,18 @@ def build_server(
         except ValueError:
             return JSONResponse({"error": 'the body is not JSON; send {"path": "model.ckpt"} or nothing'}, 400)
         path = body.get("path") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or set(body) - {"path"} or (path is not None and not isinstance(path, str)):
-            return JSONResponse({"error": 'send {"path": "FILE"} (a .ckpt or .onnx file), or no body'}, 400)
+        paths_ok = isinstance(path, list) and bool(path) and all(isinstance(p, str) for p in path)
+        if (
+            not isinstance(body, dict)
+            or set(body) - {"path"}
+            or not (path is None or isinstance(path, str) or paths_ok)
+        ):
+            return JSONResponse(
+                {
+                    "error": 'send {"path": "FILE"} (a .ckpt or .onnx file; a list of .ckpt files: an ensemble), or no body'
+                },
+                400,
+            )
         try:
             record = await run_in_threadpool(state.reload, path)
         except ServeError as err:
@@ -125,14 +135,17 @@ def build_server(
 
 
 def watch(state: ModelState, interval: float, stop: threading.Event) -> threading.Thread:
-    """Reload the served file whenever it changes on disk (checked every ``interval`` seconds)."""
+    """Reload the served file (each member of a served ensemble) whenever it changes on disk (checked every
+    ``interval`` seconds)."""
 
-    def served() -> tuple[str, int | None]:
-        path = state.read()["path"]
+    def served() -> tuple[str, tuple[int, ...] | None]:
+        path = state.read()["path"]  # a file, or an ensemble's checkpoints: a change of any member reloads
         try:
-            return path, Path(path).stat().st_mtime_ns
+            return json.dumps(path), tuple(
+                Path(p).stat().st_mtime_ns for p in ([path] if isinstance(path, str) else path)
+            )
         except OSError:
-            return path, None
+            return json.dumps(path), None
 
     def loop() -> None:
         seen = served()

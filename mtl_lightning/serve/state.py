@@ -19,7 +19,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from mtl_lightning.serve.models import ServedModel, ServeError, incompatibility, load_served_model
+from mtl_lightning.serve.models import ModelPath, ServedModel, ServeError, incompatibility, load_served_model
 
 
 class ModelState:
@@ -54,7 +54,7 @@ class ModelState:
             os.replace(tmp, self.file)
         return record
 
-    def reload(self, path: str | None = None) -> dict[str, Any]:
+    def reload(self, path: ModelPath | None = None) -> dict[str, Any]:
         """Load ``path`` (default: the served path again, e.g. a checkpoint rewritten in place), check that it fits
         the served model and publish it; raises :class:`ServeError` and changes nothing when it does not."""
         current = self.read()
