@@ -30,13 +30,12 @@ from torch import Tensor
 
 from mtl_lightning import compat
 from mtl_lightning.batches import unpack_batch
-from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.errors import ConfigError
-from mtl_lightning.input_schema import CHECKPOINT_KEY
 from mtl_lightning.losses import canonical_targets, task_losses
 from mtl_lightning.module import MultiTaskModule
 from mtl_lightning.stage_metrics import StageMetrics
 from mtl_lightning.tasks import TaskSpec, parse_tasks
+from mtl_lightning.trained import load_trained
 
 __all__ = ["EnsembleError", "MultiTaskEnsemble", "average_outputs", "load_ensemble", "load_member"]
 
@@ -47,29 +46,8 @@ class EnsembleError(ConfigError):
 
 # ------------------------------------------------------------------------------------------------- members
 def load_member(path: str | Path) -> MultiTaskModule:
-    """One trained model, on CPU and in eval mode, with its saved encoder config and input schema attached.
-
-    Those two are read from the file as ``mtl export`` reads them: the module keeps only plain hparams once built.
-    """
-    checked = check_checkpoint(path)  # missing, empty, truncated, not a checkpoint: one line naming the file
-    if checked.is_dir():
-        raise EnsembleError(f"ensemble member {str(path)!r} is a directory, not a checkpoint file; give FILE.ckpt")
-    try:
-        model = MultiTaskModule.load_from_checkpoint(checked, map_location="cpu")
-    except ConfigError:
-        raise
-    except Exception as err:
-        translated = translate_load_error(checked, err)
-        if translated is not None:
-            raise translated from None
-        raise EnsembleError(
-            f"ensemble member {str(path)!r} does not load as a MultiTaskModule checkpoint: {type(err).__name__}: {err}"
-        ) from err
-    saved = torch.load(checked, map_location="cpu", weights_only=True, mmap=True)
-    # Plain attributes MultiTaskModule does not declare; nn.Module types undeclared ones as Tensor | Module.
-    model.saved_encoder_config = (saved.get("hyper_parameters") or {}).get("encoder")  # type: ignore[assignment]
-    model.saved_data_schema = saved.get(CHECKPOINT_KEY)
-    return model.eval()
+    """One trained model, on CPU and in eval mode, with its saved encoder config and input schema attached."""
+    return load_trained(path, EnsembleError, "ensemble member")
 
 
 def _signature(spec: TaskSpec) -> str:

@@ -49,7 +49,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from mtl_lightning.callbacks.prediction_writer import check_writable
-from mtl_lightning.checkpoint_io import check_checkpoint, translate_load_error
 from mtl_lightning.compat import ONNX_REGISTRATION_LOGGER
 from mtl_lightning.contracts import HasInputShape, HasVocabSize, MultiTaskData
 from mtl_lightning.ensemble import MultiTaskEnsemble, load_ensemble
@@ -58,6 +57,7 @@ from mtl_lightning.input_schema import CHECKPOINT_KEY
 from mtl_lightning.metrics import predictions
 from mtl_lightning.module import MultiTaskModule
 from mtl_lightning.tasks import TaskSpec
+from mtl_lightning.trained import load_trained
 
 FORMATS = {"onnx": ".onnx", "torch_export": ".pt2"}
 OUTPUTS = ("predictions", "logits")
@@ -94,28 +94,8 @@ class TaskOutputs(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_model(ckpt_path: str) -> MultiTaskModule:
-    path = check_checkpoint(ckpt_path)  # missing, empty, truncated, not a checkpoint: one line naming the file
-    if path.is_dir():
-        raise ExportError(f"checkpoint {ckpt_path!r} is a directory, not a file; give --ckpt_path FILE.ckpt")
-    try:
-        model = MultiTaskModule.load_from_checkpoint(path, map_location="cpu")
-    except ConfigError:
-        raise
-    except Exception as err:
-        translated = translate_load_error(path, err)
-        if translated is not None:
-            raise translated from None
-        raise ExportError(
-            f"could not load {ckpt_path!r} as a MultiTaskModule checkpoint: {type(err).__name__}: {err}"
-        ) from err
-    # The module keeps only plain hparams once built; the encoder's config (with the linked input_shape) is read
-    # from the file, memory-mapped so that a large checkpoint is not read twice.
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    hparams = saved.get("hyper_parameters") or {}
-    # Plain attributes MultiTaskModule does not declare; nn.Module types undeclared ones as Tensor | Module.
-    model.saved_encoder_config = hparams.get("encoder")  # type: ignore[assignment]
-    model.saved_data_schema = saved.get(CHECKPOINT_KEY)
-    return model.eval()
+    """The checkpoint's model with its saved encoder config and input schema (:func:`~mtl_lightning.trained.load_trained`)."""
+    return load_trained(ckpt_path, ExportError)
 
 
 def config_datamodule(configs: Sequence[str], overrides: Sequence[str]) -> Any:
