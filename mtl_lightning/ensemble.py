@@ -32,6 +32,7 @@ from mtl_lightning import compat
 from mtl_lightning.batches import unpack_batch
 from mtl_lightning.errors import ConfigError
 from mtl_lightning.losses import canonical_targets, task_losses
+from mtl_lightning.metrics import task_predictions
 from mtl_lightning.module import MultiTaskModule
 from mtl_lightning.stage_metrics import StageMetrics
 from mtl_lightning.tasks import TaskSpec, parse_tasks
@@ -216,9 +217,7 @@ class MultiTaskEnsemble(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Per-task predictions, as a single model's ``predict_step`` gives them (the members' mean)."""
         inputs = batch["inputs"] if isinstance(batch, Mapping) else batch
-        return {
-            name: self.tasks[name].task_kind.predictions(self.tasks[name], out) for name, out in self(inputs).items()
-        }
+        return task_predictions(self.tasks, self(inputs))
 
     def _log_epoch(self, stage: StageMetrics) -> None:
         trainer = compat.attached_trainer(self)

@@ -9,6 +9,7 @@ boolean indexing (no host sync); value metrics cannot ignore entries, so only fu
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
@@ -68,6 +69,11 @@ def build_metrics(spec: TaskSpec, stage: str) -> MetricCollection:
 def predictions(spec: TaskSpec, output: Tensor) -> Tensor:
     """A head's raw output as predictions: probabilities for classification, values for regression, ..."""
     return spec.task_kind.predictions(spec, output)
+
+
+def task_predictions(tasks: Mapping[str, TaskSpec], outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every task's predictions from the model's raw outputs ``{task: output}`` (what ``predict_step`` returns)."""
+    return {name: predictions(tasks[name], out) for name, out in outputs.items()}
 
 
 def metric_inputs(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

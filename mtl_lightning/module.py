@@ -35,6 +35,7 @@ from mtl_lightning.checkpoint_hooks import run_load_hooks
 from mtl_lightning.contracts import SupportsBindTasks, SupportsTrainingLogs
 from mtl_lightning.heads import TaskHeads, representation_widths, sync_parts
 from mtl_lightning.losses import build_loss, canonical_targets, raise_nonfinite, task_losses
+from mtl_lightning.metrics import task_predictions
 from mtl_lightning.monitoring import check_monitors
 from mtl_lightning.sharding import clip_fsdp1, is_sharded, register_units, shard
 from mtl_lightning.stage_metrics import StageMetrics
@@ -356,9 +357,7 @@ class MultiTaskModule(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Per-task predictions, as each task's kind makes them: probabilities for classification, values, ..."""
         inputs = batch["inputs"] if isinstance(batch, Mapping) else batch
-        return {
-            name: self.tasks[name].task_kind.predictions(self.tasks[name], out) for name, out in self(inputs).items()
-        }
+        return task_predictions(self.tasks, self(inputs))
 
     # ----------------------------------------------------------------------------------- epoch-level logs
     def _log_epoch(self, stage: StageMetrics) -> None:
