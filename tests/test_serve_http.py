@@ -151,6 +151,7 @@ def test_a_server_answers_bad_and_good_requests_each_on_its_own_and_reloads_with
         # /predict: the in-process model's answers; `curl -d` (a form content type) is read as JSON too
         response = _predict(client, records)
         assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+        assert int(response.headers["x-batch-rows"]) >= len(records)  # the model call that answered held them
         _assert_same(response.json(), _expected(served, records))
         form = client.post(
             "/predict", content=f'{{"inputs": [{json.dumps(records[0])}]}}', headers={"content-type": ""}

@@ -22,6 +22,7 @@ from mtl_lightning.serve.state import ModelState
 
 logger = logging.getLogger(__name__)
 VERSION_HEADER = "x-model-version"
+BATCH_HEADER = "x-batch-rows"  # rows of the model call that answered: what the dynamic batching formed
 
 
 class _Payload:
@@ -34,9 +35,10 @@ class _Payload:
 class _Answer:
     """One request's predictions (or its refusal) and the model version that made them."""
 
-    def __init__(self, body: dict[str, Any] | Invalid, version: int) -> None:
+    def __init__(self, body: dict[str, Any] | Invalid, version: int, batch_rows: int = 0) -> None:
         self.body = body
         self.version = version
+        self.batch_rows = batch_rows
 
 
 class MultiTaskAPI(ls.LitAPI):
@@ -98,20 +100,22 @@ class MultiTaskAPI(ls.LitAPI):
         requests = [decode(p.body, self.model, self.max_rows, self.strict_categories) for p in payloads]
         valid = [r for r in requests if isinstance(r, Rows)]
         parts: list[dict[str, np.ndarray]] = []
+        rows = 0
         if valid:
             joined = valid[0].inputs if len(valid) == 1 else np.concatenate([r.inputs for r in valid])
+            rows = len(joined)
             parts = split_rows(self.model.predict(joined), [len(r.inputs) for r in valid])
         answers, it = [], iter(parts)
         for request in requests:
             body = request if isinstance(request, Invalid) else answer(self.model, next(it), self.threshold)
-            answers.append(_Answer(body, self.version))
+            answers.append(_Answer(body, self.version, rows))
         return answers if isinstance(x, list) else answers[0]
 
     def unbatch(self, output: list[_Answer]) -> list[_Answer]:
         return output
 
     def encode_response(self, output: _Answer, **kwargs: Any) -> JSONResponse:
-        headers = {VERSION_HEADER: str(output.version)}
+        headers = {VERSION_HEADER: str(output.version), BATCH_HEADER: str(output.batch_rows)}
         if isinstance(output.body, Invalid):
             return JSONResponse({"error": output.body.message}, status_code=output.body.status, headers=headers)
         return JSONResponse(output.body, headers=headers)

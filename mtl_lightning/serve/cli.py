@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", default="auto", help="how many devices, or auto")
     parser.add_argument("--workers_per_device", type=int, default=1, help="inference worker processes per device")
     parser.add_argument("--api_servers", type=int, default=1, help="HTTP front-end processes")
+    parser.add_argument(
+        "--fast_queue", action="store_true", help="ZeroMQ between the HTTP and worker processes (LitServe; not Windows)"
+    )
     parser.add_argument("--max_batch_size", type=int, default=32, help="requests batched into one model call")
     parser.add_argument("--batch_timeout", type=float, default=0.005, help="seconds to wait for a batch to fill")
     parser.add_argument("--max_rows", type=int, default=1024, help="rows one request may carry (413 above)")
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             devices=int(args.devices) if args.devices != "auto" else "auto",
             workers_per_device=args.workers_per_device,
             timeout=args.timeout,
+            fast_queue=args.fast_queue,
         )
         if args.watch:
             watch(state, args.watch_interval, stop)

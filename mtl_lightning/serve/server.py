@@ -79,6 +79,7 @@ def build_server(
     devices: int | str = "auto",
     workers_per_device: int = 1,
     timeout: float = 30.0,
+    fast_queue: bool = False,
 ) -> ls.LitServer:
     """A LitServer for ``api`` with the ``/info`` and ``/reload`` routes over ``state``."""
     server = ls.LitServer(
@@ -87,6 +88,7 @@ def build_server(
         devices=devices,
         workers_per_device=workers_per_device,
         timeout=timeout,
+        fast_queue=fast_queue,  # ZeroMQ instead of multiprocessing queues between the HTTP and worker processes
         info_path="/litserve/info",  # our /info describes the model; LitServe's stays here
         middlewares=[JSONBody],
     )
@@ -95,6 +97,7 @@ def build_server(
         "batch_timeout_s": api.batch_timeout,
         "max_rows_per_request": api.max_rows,
         "workers_per_device": workers_per_device,
+        "fast_queue": fast_queue,
         "threshold": api.threshold,
         "strict_categories": api.strict_categories,
     }
