@@ -65,6 +65,7 @@ INPUT_NAME = "inputs"
 EXAMPLE_ROWS = 4  # >= 2: torch.export specialises a dimension whose example size is 0 or 1
 # Exported and eager float32 outputs differ by float rounding only (fused or reordered kernels): ~1e-7 on the built-in
 # encoders, up to ~1e-6 on deeper ones (ResNet). Far looser than that means a wrong graph.
+VOCAB_KEY = "mtl_vocab_size"
 CHECK_ATOL = 1e-4
 CHECK_RTOL = 1e-4
 INSTALL_HINT = 'pip install "mtl_lightning[export]" (onnx, onnxruntime, onnxscript)'
@@ -219,6 +220,8 @@ def _metadata(model: Model, outputs: str) -> dict[str, str]:
     meta = {"mtl_tasks": json.dumps(tasks), "mtl_outputs": outputs, "mtl_input": INPUT_NAME}
     if isinstance(model, MultiTaskEnsemble):
         meta["mtl_ensemble"] = json.dumps(model.checkpoints)
+    if isinstance(model.encoder, HasVocabSize):  # token ids: `mtl serve model.onnx` refuses ids out of range
+        meta[VOCAB_KEY] = str(model.encoder.vocab_size)
     schema = getattr(model, "saved_data_schema", None)
     if schema is not None:  # the table's encoding, so that `mtl serve model.onnx` takes records by column name
         meta[CHECKPOINT_KEY] = json.dumps(schema)

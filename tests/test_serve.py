@@ -227,6 +227,29 @@ def test_tensor_requests_as_lists_and_as_base64_npy(tensor_ckpt: Path) -> None:
     assert isinstance(bad, Invalid) and "NaN or infinite" in bad.message
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_both_backends(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from mtl_lightning import export
+
+    ckpt = fit_quickstart(
+        tmp_path / "seq",
+        "--data", str(REPO / "configs" / "data" / "sequences.yaml"),
+        "--model", str(REPO / "configs" / "model" / "transformer.yaml"),
+        "--data.init_args.num_samples", "300",
+    )  # fmt: skip
+    onnx_path = tmp_path / "seq.onnx"
+    assert export.main(["--ckpt_path", str(ckpt), "--output", str(onnx_path)]) == 0
+    for model in (load_served_model(ckpt), load_served_model(onnx_path)):
+        vocab = model.vocab_size
+        assert vocab is not None and model.describe()["input"]["tensor"]["vocab_size"] == vocab, model.backend
+        ids = np.zeros((2, *model.input_shape), dtype=np.int64)
+        assert isinstance(decode({"inputs": ids.tolist()}, model, 8), Rows)
+        ids[1, 3] = vocab
+        refused = decode({"inputs": ids.tolist()}, model, 8)
+        assert isinstance(refused, Invalid) and refused.status == 422, model.backend
+        assert f"token id {vocab} is out of the vocabulary: ids must lie in [0, {vocab})" in refused.message
+
+
 # ---------------------------------------------------------------------------------------------------- reloads
 def test_a_reload_is_refused_for_other_tasks_or_input_and_changes_nothing(
     table_ckpt: Path, tensor_ckpt: Path, tmp_path: Path

@@ -47,6 +47,8 @@ class ServedModel:
     input_dtype: np.dtype
     schema: InputSchema | None
     predict: Callable[[np.ndarray], dict[str, np.ndarray]]
+    vocab_size: int | None = None
+    """For token-id inputs: ids must lie in ``[0, vocab_size)``."""
 
     def signature(self) -> dict[str, Any]:
         """What a replacement must share: task names, kinds and outputs; the input shape, dtype and columns."""
@@ -75,6 +77,8 @@ class ServedModel:
             inputs: dict[str, Any] = {"records": self.schema.to_dict()}
         else:
             inputs = {"tensor": {"shape": ["N", *self.input_shape], "dtype": str(self.input_dtype)}}
+            if self.vocab_size is not None:
+                inputs["tensor"]["vocab_size"] = self.vocab_size
         return {"path": self.path, "backend": self.backend, "sha256": self.sha256, "tasks": tasks, "input": inputs}
 
 
@@ -155,10 +159,13 @@ def _load_torch(files: list[Path], device: str) -> ServedModel:
         input_dtype=np.dtype(np.int64 if isinstance(vocab, int) else np.float32),
         schema=InputSchema.from_dict(schema_dict) if isinstance(schema_dict, Mapping) else None,
         predict=predict,
+        vocab_size=vocab if isinstance(vocab, int) else None,
     )
 
 
 def _load_onnx(path: Path, device: str) -> ServedModel:
+    from mtl_lightning.export import VOCAB_KEY
+
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -199,6 +206,7 @@ def _load_onnx(path: Path, device: str) -> ServedModel:
         input_dtype=np.dtype(dtype),
         schema=InputSchema.from_dict(json.loads(schema_text)) if schema_text else None,
         predict=predict,
+        vocab_size=int(meta[VOCAB_KEY]) if meta.get(VOCAB_KEY, "").isdigit() else None,
     )
 
 

@@ -114,6 +114,10 @@ def _checked_tensor(inputs: np.ndarray, model: ServedModel, max_rows: int) -> Ro
     if model.input_dtype == np.int64:
         if not np.all(np.isfinite(inputs)) or not np.all(inputs == np.round(inputs)):
             return Invalid(422, "this model takes integer ids (int64); the inputs hold non-integer values")
+        vocab = model.vocab_size
+        if vocab is not None and (inputs.min() < 0 or inputs.max() >= vocab):
+            bad = inputs[(inputs < 0) | (inputs >= vocab)].flat[0]
+            return Invalid(422, f"token id {int(bad)} is out of the vocabulary: ids must lie in [0, {vocab})")
     elif not np.all(np.isfinite(inputs)):
         return Invalid(422, "the inputs hold NaN or infinite values; give finite numbers")
     return Rows(np.ascontiguousarray(inputs, dtype=model.input_dtype))
