@@ -104,14 +104,39 @@ def serving(*args: str) -> Iterator[httpx.Client]:
         yield client
     finally:
         client.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        # SIGTERM to the main process alone (as kill, systemd or Kubernetes send it) must stop every process of the
+        # server: LitServe's HTTP and worker processes too, or they would keep serving on the port
+        left = _stop(proc)
         log.close()
+    assert not left, f"SIGTERM to mtl serve left {left} of its processes running"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM the server's main process; how many of its group were still alive after 30 s (then killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the main process, or it counts as alive
+        if not _group_alive(proc.pid):
+            return 0
+        time.sleep(0.2)
+    left = sum(
+        1
+        for line in subprocess.run(["ps", "-eo", "pgid"], capture_output=True, text=True).stdout.split()
+        if line.strip() == str(proc.pid)
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return left
 
 
 def _predict(client: httpx.Client, records: list[dict[str, Any]]) -> httpx.Response:

@@ -14,7 +14,9 @@ model's tasks and input, then serve it; ``--watch`` does the same whenever the s
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -77,6 +79,16 @@ def _checked(args: argparse.Namespace) -> None:
         raise ServeError(f"--devices must be a number or auto, got {args.devices!r}")
 
 
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C in the main process (LitServe's shutdown); a plain exit in a process forked from it."""
+    if os.getpid() != _MAIN_PID:
+        raise SystemExit(0)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mtl serve ...``: runs until stopped (Ctrl-C or SIGTERM); bad arguments raise a one-line ConfigError."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -116,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.watch:
             watch(state, args.watch_interval, stop)
+        # LitServe shuts its processes down on KeyboardInterrupt only; SIGTERM (kill, systemd, Kubernetes) would end
+        # this process alone and leave the HTTP and worker processes serving on the port.
+        signal.signal(signal.SIGTERM, _interrupt)
         tasks = ", ".join(f"{s.name} ({s.kind})" for s in model.tasks.values())
         served = record["path"] if isinstance(record["path"], str) else "an ensemble of " + ", ".join(record["path"])
         print(f"mtl serve: {served} ({model.backend}, version 1) on http://{args.host}:{args.port}: {tasks}")
