@@ -151,8 +151,10 @@ def test_the_onnx_backend_answers_like_the_checkpoint(table_ckpt: Path, tmp_path
     assert incompatibility(torch_model.signature(), onnx_model.signature()) is None
     rows = _records(pd.read_csv(TABLE).drop(columns=["id", *TARGETS]).head(37))
     x = torch_model.schema.encode(rows)  # type: ignore[union-attr]
+    one_thread = load_served_model(onnx_path, threads=1)  # one intra-op thread, no spinning: the same numbers
     for name, want in torch_model.predict(x).items():
         np.testing.assert_allclose(onnx_model.predict(x)[name], want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(one_thread.predict(x)[name], want, atol=1e-5, rtol=1e-5)
 
 
 def test_several_checkpoints_serve_as_their_ensemble_averaging_the_members_predictions(

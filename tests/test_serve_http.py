@@ -276,8 +276,9 @@ def test_the_onnx_server_answers_as_the_checkpoint_does(checkpoints: dict[str, P
     onnx_path = tmp_path / "model.onnx"
     assert export.main(["--ckpt_path", str(checkpoints["table"]), "--output", str(onnx_path)]) == 0
     records = _records(40, start=100)
-    with serving("--model", str(onnx_path)) as client:
-        assert client.get("/info").json()["model"]["backend"] == "onnx"
+    with serving("--model", str(onnx_path), "--threads", "1") as client:
+        info = client.get("/info").json()
+        assert (info["model"]["backend"], info["server"]["threads"]) == ("onnx", 1)
         response = _predict(client, records)
         assert response.status_code == 200, response.text
         _assert_same(response.json(), _expected(checkpoints["table"], records))

@@ -52,20 +52,26 @@ class MultiTaskAPI(ls.LitAPI):
         max_rows: int = 1024,
         threshold: float = 0.5,
         strict_categories: bool = False,
+        threads: int | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.state_folder = state_folder
         self.max_rows = max_rows
         self.threshold = threshold
         self.strict_categories = strict_categories
+        self.threads = threads
 
     # ----------------------------------------------------------------------------------------------- the model
     def setup(self, device: str) -> None:
+        if self.threads is not None:  # this worker process's intra-op threads (PyTorch; ONNX Runtime per session)
+            import torch
+
+            torch.set_num_threads(self.threads)
         self._device = device
         self._state = ModelState(self.state_folder)
         self._stamp = self._state.stamp()
         record = self._state.read()
-        self.model: ServedModel = load_served_model(record["path"], device=device)
+        self.model: ServedModel = load_served_model(record["path"], device=device, threads=self.threads)
         self.version: int = record["version"]
 
     def _refresh(self) -> None:
@@ -78,7 +84,7 @@ class MultiTaskAPI(ls.LitAPI):
         if record["version"] <= self.version:
             return
         try:
-            self.model = load_served_model(record["path"], device=self._device)
+            self.model = load_served_model(record["path"], device=self._device, threads=self.threads)
         except Exception:  # checked when it was published; keep serving the old one if the file changed since
             logger.exception("could not load model version %s from %s", record["version"], record["path"])
             return

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fast_queue", action="store_true", help="ZeroMQ between the HTTP and worker processes (LitServe; not Windows)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per inference worker (default: the library's; 1 on machines with few cores)",
+    )
     parser.add_argument("--max_batch_size", type=int, default=32, help="requests batched into one model call")
     parser.add_argument("--batch_timeout", type=float, default=0.005, help="seconds to wait for a batch to fill")
     parser.add_argument("--max_rows", type=int, default=1024, help="rows one request may carry (413 above)")
@@ -69,6 +75,8 @@ def _checked(args: argparse.Namespace) -> None:
             raise ServeError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 1024 <= args.port <= 65535:
         raise ServeError(f"--port must be in [1024, 65535], got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ServeError(f"--threads must be at least 1, got {args.threads}")
     if args.batch_timeout < 0 or args.timeout <= 0 or args.watch_interval <= 0:
         raise ServeError("--batch_timeout must be >= 0, and --timeout and --watch_interval > 0 (seconds)")
     if args.batch_timeout >= args.timeout:
@@ -116,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_rows=args.max_rows,
             threshold=args.threshold,
             strict_categories=args.strict_categories,
+            threads=args.threads,
         )
         server = build_server(
             state,

@@ -111,8 +111,14 @@ def _files(path: ModelPath) -> list[Path]:
     return files
 
 
-def load_served_model(path: ModelPath, device: str = "cpu", backend: str | None = None) -> ServedModel:
-    """A checkpoint (``.ckpt``: PyTorch), several (their ensemble) or an ONNX file (``.onnx``: ONNX Runtime)."""
+def load_served_model(
+    path: ModelPath, device: str = "cpu", backend: str | None = None, threads: int | None = None
+) -> ServedModel:
+    """A checkpoint (``.ckpt``: PyTorch), several (their ensemble) or an ONNX file (``.onnx``: ONNX Runtime).
+
+    ``threads``: ONNX Runtime's intra-op threads, without spinning between calls (None: its defaults); the
+    PyTorch backend's are set per process (:meth:`~mtl_lightning.serve.api.MultiTaskAPI.setup`).
+    """
     if backend is not None and backend not in BACKENDS:
         raise ServeError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     files = _files(path)
@@ -122,7 +128,7 @@ def load_served_model(path: ModelPath, device: str = "cpu", backend: str | None 
             "an ensemble is served from its checkpoints (.ckpt); to serve it with ONNX Runtime, export it as one "
             "file (mtl export --ckpt_path A.ckpt B.ckpt ... --output ensemble.onnx) and serve that"
         )
-    return _load_onnx(files[0], device) if backend == "onnx" else _load_torch(files, device)
+    return _load_onnx(files[0], device, threads) if backend == "onnx" else _load_torch(files, device)
 
 
 def _load_torch(files: list[Path], device: str) -> ServedModel:
@@ -163,7 +169,7 @@ def _load_torch(files: list[Path], device: str) -> ServedModel:
     )
 
 
-def _load_onnx(path: Path, device: str) -> ServedModel:
+def _load_onnx(path: Path, device: str, threads: int | None = None) -> ServedModel:
     from mtl_lightning.export import VOCAB_KEY
 
     try:
@@ -172,7 +178,11 @@ def _load_onnx(path: Path, device: str) -> ServedModel:
         raise ServeError('serving ONNX files needs onnxruntime: pip install "mtl_lightning[export]"') from err
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
     try:
-        session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:
         raise ServeError(f"could not load {str(path)!r} as an ONNX model: {err}") from err
     meta = session.get_modelmeta().custom_metadata_map

@@ -100,6 +100,7 @@ def build_server(
         "fast_queue": fast_queue,
         "threshold": api.threshold,
         "strict_categories": api.strict_categories,
+        "threads": api.threads,
     }
 
     async def info(request: Request) -> JSONResponse:
