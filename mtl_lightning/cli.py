@@ -40,11 +40,15 @@ COMMANDS = {
     "export": "mtl_lightning.export",
     "compress": "mtl_lightning.compression.cli",
     "serve": "mtl_lightning.serve.cli",
+    "sweep": "mtl_lightning.sweep.cli",
+    "affinity": "mtl_lightning.affinity.cli",
 }
 COMMAND_HELP = {
     "export": "a checkpoint as one ONNX or torch.export file, every task's output included",
     "compress": "quantise or factorise (SVD) a checkpoint, or report what one holds",
     "serve": "an HTTP server (LitServe) answering per-task predictions for a checkpoint or ONNX file",
+    "sweep": "an Optuna study over config keys (task weights, learning rate, the balancer): trials, Pareto front",
+    "affinity": "measure inter-task affinity (TAG lookahead) in one run and propose task groupings",
 }
 DESCRIPTION = (
     "Multi-task training with Lightning: mtl fit|validate|test|predict --config CONFIG. Other commands: "
@@ -95,8 +99,8 @@ def usage() -> str:
     lines += [
         "",
         "Each command has its own help: mtl fit --help (every option of the model, data and trainer),",
-        "mtl export --help, mtl compress --help, mtl serve --help. mtl fit --print_config prints the merged config",
-        "of a run.",
+        "mtl export --help, mtl compress --help, mtl serve --help, mtl sweep --help, mtl affinity --help.",
+        "mtl fit --print_config prints the merged config of a run.",
         "fit, validate, test and predict without --config run configs/quickstart.yaml.",
     ]
     return "\n".join(lines)

@@ -246,3 +246,13 @@ def pruning_is_global(callback: Any) -> bool:
     if not hasattr(callback, "_use_global_unstructured"):
         raise InternalsMoved(moved("lightning", "ModelPruning._use_global_unstructured"))
     return bool(callback._use_global_unstructured)
+
+
+def optuna_trial_id(trial: Any) -> int:
+    """The storage id of an Optuna trial, which ``optuna.trial.Trial(study, trial_id)`` takes to reopen the trial in
+    another process (a sweep's trial process reports intermediate values to it for pruning). Optuna keeps it in
+    ``Trial._trial_id`` only."""
+    trial_id = getattr(trial, "_trial_id", None)
+    if not isinstance(trial_id, int):
+        raise InternalsMoved(moved("optuna", "optuna.trial.Trial._trial_id"))
+    return trial_id

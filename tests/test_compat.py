@@ -260,3 +260,16 @@ def test_jsonargparse_chains_constructor_errors() -> None:
     found = find_config_error(caught.value)
     canary(found is not None, "jsonargparse", "the constructor's error in the chain of its instantiation error")
     assert str(found) == "width 3 is refused"
+
+
+# ------------------------------------------------------------------------------------------------ optuna
+def test_optuna_trial_id_reopens_the_trial() -> None:
+    optuna = pytest.importorskip("optuna")
+    study = optuna.create_study()
+    study.ask()
+    trial = study.ask()
+    trial_id = compat.optuna_trial_id(trial)
+    reopened = optuna.trial.Trial(study, trial_id)  # what a sweep's trial process does
+    reopened.report(1.5, step=0)
+    assert study.trials[1].intermediate_values == {0: 1.5}
+    assert study.trials[0].intermediate_values == {}

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mtl_lightning._imports import import_from_path
@@ -67,18 +68,28 @@ class _ParseOnly(MTLCLI):
         pass
 
 
-def resolve_tasks(args: Sequence[str], where: str) -> dict[str, dict[str, Any]]:
-    """The task specs (name -> plain spec dict, in order) that ``mtl fit <args>`` would train on."""
+def parse_config(args: Sequence[str], where: str, error: type[Exception] = SuiteError) -> Namespace:
+    """The merged config of ``mtl fit <args>`` (a jsonargparse Namespace), nothing instantiated; ``error`` on bad args."""
     try:
-        # Raise, not print the usage and exit, so the message names the suite entry at fault.
+        # Raise, not print the usage and exit, so the message names the entry at fault.
         cli = build_cli(args, _ParseOnly, parser_kwargs={"exit_on_error": False})
     except argparse.ArgumentError as err:
-        raise SuiteError(f"{where}: the `mtl` parser rejected its arguments: {err}") from None
-    tasks = cli.config.get("data.init_args.tasks")
+        raise error(f"{where}: the `mtl` parser rejected its arguments: {err}") from None
+    return cli.config
+
+
+def resolve_tasks(args: Sequence[str], where: str) -> dict[str, dict[str, Any]]:
+    """The task specs (name -> plain spec dict, in order) that ``mtl fit <args>`` would train on."""
+    return tasks_of_config(parse_config(args, where), where)
+
+
+def tasks_of_config(config: Namespace, where: str) -> dict[str, dict[str, Any]]:
+    """The task specs (name -> plain spec dict, in order) of a merged config (:func:`parse_config`)."""
+    tasks = config.get("data.init_args.tasks")
     if tasks and all(hasattr(t, "as_dict") or isinstance(t, Mapping) for t in tasks):
         specs = [TaskSpec.from_any(t.as_dict() if hasattr(t, "as_dict") else dict(t)) for t in tasks]
     else:  # the data module completes its tasks (census: `tasks: null` or task names): ask it
-        specs = _tasks_of_data_module(cli.config.get("data"), where)
+        specs = _tasks_of_data_module(config.get("data"), where)
     return {s.name: s.to_dict() for s in specs}
 
 
@@ -100,14 +111,19 @@ def _tasks_of_data_module(data: Any, where: str) -> list[TaskSpec]:
 
 
 def logged_test_metrics(spec: Mapping[str, Any]) -> dict[str, bool | None]:
-    """The test keys a task logs (``test/<task>/loss`` and one per metric), each with its ``higher_is_better``.
+    """The test keys a task logs (``test/<task>/loss`` and one per metric), each with its ``higher_is_better``."""
+    return logged_metrics(spec, "test")
+
+
+def logged_metrics(spec: Mapping[str, Any], stage: str) -> dict[str, bool | None]:
+    """The keys a task logs in ``stage`` (``<stage>/<task>/loss`` and one per metric), each with ``higher_is_better``.
 
     The direction is the torchmetrics metric's own ``higher_is_better`` (None when the metric does not say).
     """
     task = TaskSpec.from_any(dict(spec))
-    keys: dict[str, bool | None] = {f"test/{task.name}/loss": False}
-    for key, metric in build_metrics(task, "test").items(keep_base=True):
-        keys[f"test/{task.name}/{key}"] = metric.higher_is_better
+    keys: dict[str, bool | None] = {f"{stage}/{task.name}/loss": False}
+    for key, metric in build_metrics(task, stage).items(keep_base=True):
+        keys[f"{stage}/{task.name}/{key}"] = metric.higher_is_better
     return keys
 
 
