@@ -159,7 +159,7 @@ def test_a_key_the_config_lacks_gets_a_did_you_mean() -> None:
 
     config = parse_config(["--config", str(REPO / "configs" / "quickstart.yaml")], "t", ConfigError)
     check_keys(config, ["model.init_args.optimizer.init_args.lr", "model.init_args.encoder"], "sweep space")
-    with pytest.raises(ConfigError, match="no key 'model.init_args.optimizer.init_args.learning_rate'") as caught:
+    with pytest.raises(ConfigError, match=r"no key 'model\.init_args\.optimizer\.init_args\.learning_rate'") as caught:
         check_keys(config, ["model.init_args.optimizer.init_args.learning_rate"], "sweep space")
     assert "did you mean 'model.init_args.optimizer.init_args.lr'" in str(caught.value)
     # The quickstart uses no StaticWeighting: its weights are not a key until `fixed` names the class.
@@ -226,8 +226,8 @@ def test_workers_share_exactly_the_trials_asked_for(tmp_path: Path, monkeypatch:
         t.join()
     trials = load(tmp_path).trials
     assert len(trials) == 9
-    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == [f"{i:04d}" for i in range(9)]
-    assert all((tmp_path / "trials" / f"{i:04d}" / "ran").is_file() for i in range(9))
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == [f"trial_{i:04d}" for i in range(9)]
+    assert all((tmp_path / "trials" / f"trial_{i:04d}" / "ran").is_file() for i in range(9))
     # A second command on the same study adds its own trials.
     runner.run_worker(runner.WorkerJob(**{**job.__dict__, "invocation": "b", "trials": 2}))
     assert len(load(tmp_path).trials) == 11
@@ -289,14 +289,45 @@ def test_the_report_holds_every_trial_the_front_and_the_compare_runs(
     assert len(rows) == 12 and {r["state"] for r in rows} <= {"COMPLETE", "FAIL"}
     assert {f"{WEIGHTS}[{t}]" for t in TASKS} <= set(rows[0])
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+
     # The front by hand: no other trial is at least as good on both objectives and better on one.
     def dominated(a: Any) -> bool:
-        return any(
-            b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and b.values != a.values for b in complete
-        )
+        return any(b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and b.values != a.values for b in complete)
 
     assert sorted(r["number"] for r in pareto) == sorted(t.number for t in complete if not dominated(t))
     assert len(list(csv.DictReader((tmp_path / report.PARETO_CSV).open()))) == len(pareto)
     assert (tmp_path / report.COMPARE_CSV).read_text().startswith("run,val/purchase/auroc,val/spend/mae")
     assert (tmp_path / report.FIGURE).stat().st_size > 10_000
     assert any((tmp_path / report.TENSORBOARD).iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+def prepare(tmp_path: Path, sweep_text: str, *extra: str) -> Any:
+    (tmp_path / "s.yaml").write_text(sweep_text)
+    own, rest = sweep_cli.parse_args(
+        ["--config", str(REPO / "configs" / "quickstart.yaml"), "--sweep", str(tmp_path / "s.yaml"), *extra]
+    )
+    return sweep_cli.prepare(own, rest)
+
+
+def test_the_command_checks_the_sweep_against_the_trials_config(tmp_path: Path) -> None:
+    spec, base = prepare(
+        tmp_path,
+        "fixed: {model.init_args.balancer: mtl_lightning.balancers.StaticWeighting}\n"
+        f"space: {{{WEIGHTS}: {{type: simplex}}, model.init_args.optimizer.init_args.lr: {{type: float, low: 0.001, "
+        "high: 0.01, log: true}}\nobjectives: [val/purchase/auroc, val/spend/r2]\n",
+        "--trainer.max_epochs",
+        "1",
+    )
+    assert spec.params[0].tasks == ("purchase", "segment", "spend")  # the config's tasks
+    assert spec.directions == ["maximize", "maximize"]
+    assert base[-2:] == ["--trainer.max_epochs", "1"]
+    with pytest.raises(ConfigError, match=r"did you mean 'model\.init_args\.optimizer\.init_args\.lr'"):
+        prepare(tmp_path, "space: {model.init_args.optimizer.init_args.lrr: {type: float, low: 0.1, high: 1}}\n"
+                "objectives: [val/loss]\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"never logged.*val/segment/accuracy"):
+        prepare(tmp_path, "space: {model.init_args.optimizer.init_args.lr: {type: float, low: 0.1, high: 1}}\n"
+                "objectives: [val/segment/acc]\n")  # fmt: skip
+    # A value the key refuses fails before any trial (the example parse).
+    with pytest.raises(ConfigError, match="checked with an example value"):
+        prepare(tmp_path, "space: {trainer.max_epochs: {type: categorical, choices: [many]}}\nobjectives: [val/loss]\n")

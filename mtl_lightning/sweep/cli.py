@@ -6,7 +6,7 @@
     mtl sweep --config ... --sweep ... --trials 8 --trainer.max_epochs 3  # other arguments go to every trial
 
 ``--dir`` (default ``runs/sweep/<sweep file name>``) holds the study (``study.journal`` unless ``--storage``),
-``trials/NNNN/`` (each trial's config, TensorBoard logs, checkpoints, output and ``result.json``), ``compare/NAME/``
+``trials/trial_NNNN/`` (each trial's config, TensorBoard logs, checkpoints, output and ``result.json``), ``compare/NAME/``
 (the sweep file's compare runs, run once), ``trials.csv``, ``pareto.csv``, ``pareto.png`` and ``summary/`` (the
 figure in TensorBoard). The same command again adds ``--trials`` more trials to the same study; a folder holding a
 study of another sweep (other space, objectives, fixed keys or trial arguments) is refused, naming the difference.
@@ -76,7 +76,9 @@ def prepare(own: argparse.Namespace, rest: list[str]) -> tuple[SweepSpec, list[s
         check_keys(config, list(overrides), f"sweep compare run {name!r}")
     # One parse with a value of every key: a type the key refuses fails now, not in every trial.
     example = {p.key: p.example() for p in spec.params}
-    parse_config([*base, *as_args(fixed), *as_args(example)], "sweep space (checked with an example value)", ConfigError)
+    parse_config(
+        [*base, *as_args(fixed), *as_args(example)], "sweep space (checked with an example value)", ConfigError
+    )
     return spec, base
 
 
@@ -103,7 +105,7 @@ def open_study(own: argparse.Namespace, spec: SweepSpec, base: list[str], direct
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        directions=spec.directions,
+        directions=spec.directions,  # type: ignore[arg-type]  # checked: minimize | maximize
         sampler=sampler_of(spec),
         pruner=pruner_of(spec),
         load_if_exists=True,
@@ -193,7 +195,9 @@ def main(argv: list[str]) -> int:
     pareto = write_report(study, directory, spec.objectives, points)
     print(f"{len(study.trials)} trials; {len(pareto)} on the Pareto front: {directory / 'pareto.csv'}")
     for row in pareto:
-        print("  trial " + str(row["number"]) + ": " + ", ".join(f"{o.name} {row[o.name]:.4g}" for o in spec.objectives))
+        print(
+            "  trial " + str(row["number"]) + ": " + ", ".join(f"{o.name} {row[o.name]:.4g}" for o in spec.objectives)
+        )
     if interrupted:
         print("interrupted: the study is saved; the same command continues it", file=sys.stderr)
         return 130

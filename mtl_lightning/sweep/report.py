@@ -67,9 +67,7 @@ def best_trials(study: Any) -> list[Any]:
     return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]
 
 
-def figure(
-    study: Any, objectives: Sequence[Objective], compare: Mapping[str, Mapping[str, float]]
-) -> Any:
+def figure(study: Any, objectives: Sequence[Objective], compare: Mapping[str, Mapping[str, float]]) -> Any:
     """The matplotlib figure described in the module docstring (objective history for a single objective)."""
     import matplotlib
 
@@ -84,7 +82,10 @@ def figure(
     rows = (len(pairs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4 * rows), squeeze=False)
     for ax, (i, j) in zip(axes.flat, pairs, strict=False):
-        x_of = (lambda t: t.number) if i < 0 else (lambda t: t.values[i])
+
+        def x_of(t: Any, i: int = i) -> float:
+            return float(t.number) if i < 0 else float(t.values[i])
+
         others = [t for t in done if t.number not in best]
         front = sorted((t for t in done if t.number in best), key=x_of)
         ax.scatter([x_of(t) for t in others], [t.values[j] for t in others], c="0.7", s=16, label="trials")

@@ -93,7 +93,11 @@ def train(args: Sequence[str], run_dir: Path, study: dict[str, Any] | None = Non
     if result_path.is_file():
         return dict(json.loads(result_path.read_text()))
     tail = log.read_text(errors="replace").strip().splitlines()[-ERROR_LINES:]
-    return {"state": "failed", "metrics": {}, "error": f"the trial's process ended with exit code {code}: " + " | ".join(tail)}
+    return {
+        "state": "failed",
+        "metrics": {},
+        "error": f"the trial's process ended with exit code {code}: " + " | ".join(tail),
+    }
 
 
 def _make(section: dict[str, Any] | None, default: Callable[[], Any], seed_offset: int = 0) -> Any:
@@ -116,9 +120,14 @@ def sampler_of(spec: SweepSpec, worker: int = 0) -> Any:
 
 
 def pruner_of(spec: SweepSpec) -> Any:
+    return make_pruner(spec.raw.get("pruner"))
+
+
+def make_pruner(section: dict[str, Any] | None) -> Any:
+    """The sweep file's pruner (none: Optuna's NopPruner, not its default MedianPruner, which would prune)."""
     import optuna
 
-    return _make(spec.raw.get("pruner"), optuna.pruners.NopPruner)
+    return _make(section, optuna.pruners.NopPruner)
 
 
 def _claim(study: Any, job: WorkerJob) -> Any | None:
@@ -132,9 +141,23 @@ def _claim(study: Any, job: WorkerJob) -> Any | None:
         return trial
 
 
+class SpaceExhausted(Exception):
+    """The sampler has no configuration left (a grid or brute-force search is done): the worker stops."""
+
+
+def _finish(study: Any, trial: Any, values: Sequence[float] | None = None, state: Any = None) -> None:
+    """``study.tell``. A sampler that has run out of configurations calls ``study.stop()`` from ``tell``, which Optuna
+    allows inside ``optimize`` only: the trial is stored by then, and the worker stops (:class:`SpaceExhausted`)."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+        raise SpaceExhausted from None
+
+
 def _tell(study: Any, trial: Any, job: WorkerJob, result: dict[str, Any]) -> str:
     """Record ``result`` in the study; a one-line summary."""
-    import optuna
     from optuna.trial import TrialState
 
     metrics = result.get("metrics") or {}
@@ -143,7 +166,7 @@ def _tell(study: Any, trial: Any, job: WorkerJob, result: dict[str, Any]) -> str
         if key in result:
             trial.set_user_attr(f"mtl_sweep.{key}", result[key])
     if result["state"] == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
+        _finish(study, trial, state=TrialState.PRUNED)
         return f"pruned after epoch {result.get('epochs')}"
     error = result.get("error")
     if result["state"] == "complete":
@@ -153,11 +176,11 @@ def _tell(study: Any, trial: Any, job: WorkerJob, result: dict[str, Any]) -> str
         else:
             values = [o.value(metrics) for o in job.spec.objectives]
             if all(math.isfinite(v) for v in values):
-                study.tell(trial, values)
+                _finish(study, trial, values)
                 return ", ".join(f"{o.name} {v:.4g}" for o, v in zip(job.spec.objectives, values, strict=True))
             error = f"an objective is not finite: {values}"
     trial.set_user_attr(ERROR, str(error))
-    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    _finish(study, trial, state=TrialState.FAIL)
     return f"failed: {error}"
 
 
@@ -177,7 +200,8 @@ def run_worker(job: WorkerJob) -> int:
     ran = 0
     while (trial := _claim(study, job)) is not None:
         start = time.perf_counter()
-        run_dir = job.directory / "trials" / f"{trial.number:04d}"
+        # Not a bare number: the logger would read "0007" as version 7 and write version_7/.
+        run_dir = job.directory / "trials" / f"trial_{trial.number:04d}"
         try:
             values = {p.key: p.sample(trial) for p in job.spec.params}
             trial.set_user_attr(VALUES, values)
@@ -189,14 +213,21 @@ def run_worker(job: WorkerJob) -> int:
                     "study_name": job.study_name,
                     "trial_id": optuna_trial_id(trial),
                     "prune_monitor": job.prune_monitor,
+                    "pruner": job.spec.raw.get("pruner"),  # the trial's process decides, with this pruner
                 }
             result = train(run_args(job, values, run_dir), run_dir, pruning)
         except BaseException:
             trial.set_user_attr(ERROR, "interrupted")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        summary = _tell(study, trial, job, result)
+        exhausted = False
+        try:
+            summary = _tell(study, trial, job, result)
+        except SpaceExhausted:
+            summary, exhausted = f"{result['state']}; the sampler has no configuration left", True
         ran += 1
         if not job.quiet:
             print(f"trial {trial.number}: {summary} ({time.perf_counter() - start:.1f} s, {run_dir})", flush=True)
+        if exhausted:
+            break
     return ran

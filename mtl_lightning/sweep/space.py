@@ -65,7 +65,7 @@ class Param:
         if self.kind in ("float", "int"):
             assert self.low is not None and self.high is not None
             mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-            return int(round(mid)) if self.kind == "int" else mid
+            return round(mid) if self.kind == "int" else mid
         if self.kind == "categorical":
             return next(iter(self.choices.values()))
         return {t: 1.0 / len(self.tasks) for t in self.tasks}
@@ -92,7 +92,9 @@ def parse_param(key: str, entry: Any, tasks: Sequence[str]) -> Param:
     if kind in ("float", "int"):
         low, high = _number(entry, "low", where), _number(entry, "high", where)
         if not low < high:
-            raise ConfigError(f"{where}: the range is empty or inverted (low {low:g} >= high {high:g}); give low < high")
+            raise ConfigError(
+                f"{where}: the range is empty or inverted (low {low:g} >= high {high:g}); give low < high"
+            )
         log = bool(entry.get("log", False))
         if log and low <= 0:
             raise ConfigError(f"{where}: a log range needs low > 0, got {low:g}")

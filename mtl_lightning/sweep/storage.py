@@ -38,7 +38,7 @@ def open_storage(url: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     try:
         return optuna.storages.RDBStorage(url)
-    except Exception as err:  # noqa: BLE001 - SQLAlchemy and its drivers raise many types; one line names the URL
+    except Exception as err:  # SQLAlchemy and its drivers raise many types; one line names the URL
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
             f"cannot open the study storage {redact(url)}: {type(err).__name__}: {first}. Check the URL, that the "

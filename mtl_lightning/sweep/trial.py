@@ -25,11 +25,14 @@ from mtl_lightning.errors import find_config_error
 
 def _pruning_callback(spec: dict[str, Any]) -> Any:
     import optuna
-    from optuna_integration import PyTorchLightningPruningCallback
+    from optuna_integration import PyTorchLightningPruningCallback  # type: ignore[import-untyped]
 
+    from mtl_lightning.sweep.runner import make_pruner
     from mtl_lightning.sweep.storage import open_storage
 
-    study = optuna.load_study(study_name=spec["study_name"], storage=open_storage(spec["storage"]))
+    # A loaded study does not keep its pruner: give it the sweep's, which decides in this process.
+    storage = open_storage(spec["storage"])
+    study = optuna.load_study(study_name=spec["study_name"], storage=storage, pruner=make_pruner(spec.get("pruner")))
     return PyTorchLightningPruningCallback(optuna.trial.Trial(study, spec["trial_id"]), monitor=spec["prune_monitor"])
 
 
@@ -47,14 +50,15 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = cli.trainer
         pruning = _pruning_callback(spec) if spec.get("prune_monitor") else None
         if pruning is not None:
-            trainer.callbacks.append(pruning)
+            callbacks: list[Any] = getattr(trainer, "callbacks")  # noqa: B009 (a property mypy cannot see)
+            callbacks.append(pruning)
         try:
             trainer.fit(cli.model, datamodule=cli.datamodule)
             if pruning is not None:
                 pruning.check_pruned()  # under DDP the decision is read back from the storage here
         except optuna.TrialPruned:
             state = "pruned"
-    except Exception as err:  # noqa: BLE001 - a failed trial is recorded with its error; the study goes on
+    except Exception as err:  # a failed trial is recorded with its error; the study goes on
         state = "failed"
         found = find_config_error(err)
         error = str(found) if found is not None else "".join(traceback.format_exception_only(type(err), err)).strip()
