@@ -194,7 +194,7 @@ def test_own_options_and_the_trials_arguments_are_split() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- workers
-def fake_train(args: list[str], run_dir: Path, study: Any = None) -> dict[str, Any]:
+def fake_train(args: list[str], run_dir: Path, study: Any = None, waiting: Any = None) -> dict[str, Any]:
     """A 'trial' whose metrics follow its weights: more weight on a task, better on it; `segment` heavy fails."""
     weights = json.loads(next(a for a in args if a.startswith(f"--{WEIGHTS}=")).split("=", 1)[1])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def test_results_are_told_with_their_state_and_error(tmp_path: Path, monkeypatch
             {"state": "pruned", "metrics": {}, "epochs": 2},
         ]
     )
-    monkeypatch.setattr(runner, "train", lambda args, run_dir, study=None: next(results))
+    monkeypatch.setattr(runner, "train", lambda args, run_dir, study=None, waiting=None: next(results))
     runner.run_worker(make_job(tmp_path, trials=5))
     trials = load(tmp_path).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "FAIL", "PRUNED"]
@@ -258,7 +258,7 @@ def test_results_are_told_with_their_state_and_error(tmp_path: Path, monkeypatch
 def test_an_interrupted_trial_is_failed_and_the_study_stays_resumable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted(args: list[str], run_dir: Path, study: Any = None) -> dict[str, Any]:
+    def interrupted(args: list[str], run_dir: Path, study: Any = None, waiting: Any = None) -> dict[str, Any]:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "train", interrupted)
@@ -331,3 +331,10 @@ def test_the_command_checks_the_sweep_against_the_trials_config(tmp_path: Path) 
     # A value the key refuses fails before any trial (the example parse).
     with pytest.raises(ConfigError, match="checked with an example value"):
         prepare(tmp_path, "space: {trainer.max_epochs: {type: categorical, choices: [many]}}\nobjectives: [val/loss]\n")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweep").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_checks_against_the_quickstart(path: Path) -> None:
+    own, rest = sweep_cli.parse_args(["--config", str(REPO / "configs" / "quickstart.yaml"), "--sweep", str(path)])
+    spec, _ = sweep_cli.prepare(own, rest)
+    assert spec.objectives and spec.params

@@ -116,12 +116,15 @@ def open_study(own: argparse.Namespace, spec: SweepSpec, base: list[str], direct
     return study, url, name
 
 
-def run_workers(job: Any, workers: int) -> None:
-    """``workers`` workers on the study: this process alone, or spawned processes (each claims its own trials)."""
+def run_workers(job: Any, workers: int, waiting: Any = None) -> None:
+    """``workers`` workers on the study: this process alone, or spawned processes (each claims its own trials).
+
+    ``waiting``: the first trial's process, started early (one worker only).
+    """
     from mtl_lightning.sweep.runner import run_worker
 
     if workers == 1:
-        run_worker(job)
+        run_worker(job, waiting)
         return
     # spawn, not fork: a forked child of a process that imported torch can deadlock in its thread pools.
     context = multiprocessing.get_context("spawn")
@@ -167,13 +170,19 @@ def compare_runs(spec: SweepSpec, base: list[str], directory: Path) -> dict[str,
 
 def main(argv: list[str]) -> int:
     from mtl_lightning.sweep.report import write_report
-    from mtl_lightning.sweep.runner import WorkerJob
+    from mtl_lightning.sweep.runner import WorkerJob, start_waiting_trial, stop_waiting_trial
 
     own, rest = parse_args(argv)
-    spec, base = prepare(own, rest)
     directory = own.dir or Path("runs") / "sweep" / own.sweep.stem
     directory.mkdir(parents=True, exist_ok=True)
-    study, url, name = open_study(own, spec, base, directory)
+    # The first trial's process imports Lightning while this one checks the sweep: seconds off the first trial.
+    waiting = start_waiting_trial(directory / ".waiting.log") if own.trials and own.workers == 1 else None
+    try:
+        spec, base = prepare(own, rest)
+        study, url, name = open_study(own, spec, base, directory)
+    except BaseException:
+        stop_waiting_trial(waiting)
+        raise
     pruned = spec.raw.get("pruner") and spec.objectives[0].reference is None
     job = WorkerJob(
         spec=spec,
@@ -188,7 +197,7 @@ def main(argv: list[str]) -> int:
     print(f"study {name!r} in {redact(url)}: {len(study.trials)} trials so far, {own.trials} to add", flush=True)
     interrupted = False
     try:
-        run_workers(job, own.workers)
+        run_workers(job, own.workers, waiting)
     except KeyboardInterrupt:
         interrupted = True
     points = {} if own.no_compare or interrupted else compare_runs(spec, base, directory)

@@ -9,6 +9,7 @@ so the study stays resumable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -64,10 +65,44 @@ def run_args(job: WorkerJob, values: dict[str, Any], run_dir: Path) -> list[str]
     return [*job.base_args, *as_args(job.spec.fixed), *as_args(values), *run_dir_args(run_dir)]
 
 
-def train(args: Sequence[str], run_dir: Path, study: dict[str, Any] | None = None) -> dict[str, Any]:
+def start_waiting_trial(log: Path) -> subprocess.Popen[str]:
+    """A trial process that imports what a run needs now and runs the spec it is given later (``--wait``)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mtl_lightning.sweep.trial", "--wait"],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def stop_waiting_trial(process: subprocess.Popen[str] | None) -> None:
+    """Tell a waiting trial process that nothing is coming (it exits at once)."""
+    if process is not None and process.poll() is None and process.stdin is not None:
+        with contextlib.suppress(OSError):  # it has died already
+            process.stdin.close()
+        _wait_or_kill(process)
+
+
+def _wait_or_kill(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def train(
+    args: Sequence[str],
+    run_dir: Path,
+    study: dict[str, Any] | None = None,
+    waiting: subprocess.Popen[str] | None = None,
+) -> dict[str, Any]:
     """Train one run in a fresh process (:mod:`mtl_lightning.sweep.trial`); its result dict.
 
-    The run's output goes to ``run_dir/output.log``. ``study`` names the Optuna trial a pruned study reports to.
+    The run's output goes to ``run_dir/output.log``. ``study`` names the Optuna trial a pruned study reports to;
+    ``waiting``: a process from :func:`start_waiting_trial` to run it in (else a new one).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path = run_dir / "result.json"
@@ -75,21 +110,27 @@ def train(args: Sequence[str], run_dir: Path, study: dict[str, Any] | None = Non
     spec = {"args": list(args), "result": str(result_path), **(study or {})}
     (run_dir / "trial.json").write_text(json.dumps(spec, indent=1))
     log = run_dir / "output.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mtl_lightning.sweep.trial", str(run_dir / "trial.json")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process: subprocess.Popen[Any] | None = None
+    if waiting is not None and waiting.poll() is None and waiting.stdin is not None:
         try:
-            code = process.wait()
-        except BaseException:  # Ctrl-C or a stop: the trial's process must not outlive its worker
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            raise
+            waiting.stdin.write(f"{run_dir / 'trial.json'}\n")
+            waiting.stdin.close()
+            process = waiting
+        except OSError:  # it died while importing: run the trial in a new process
+            _wait_or_kill(waiting)
+    if process is None:
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mtl_lightning.sweep.trial", str(run_dir / "trial.json")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+    try:
+        code = process.wait()
+    except BaseException:  # Ctrl-C or a stop: the trial's process must not outlive its worker
+        process.terminate()
+        _wait_or_kill(process)
+        raise
     if result_path.is_file():
         return dict(json.loads(result_path.read_text()))
     tail = log.read_text(errors="replace").strip().splitlines()[-ERROR_LINES:]
@@ -184,8 +225,11 @@ def _tell(study: Any, trial: Any, job: WorkerJob, result: dict[str, Any]) -> str
     return f"failed: {error}"
 
 
-def run_worker(job: WorkerJob) -> int:
-    """Claim and run trials until the command's ``job.trials`` have started; the number this worker ran."""
+def run_worker(job: WorkerJob, waiting: subprocess.Popen[str] | None = None) -> int:
+    """Claim and run trials until the command's ``job.trials`` have started; the number this worker ran.
+
+    ``waiting``: a trial process already importing (:func:`start_waiting_trial`) for the first trial.
+    """
     import optuna
 
     from mtl_lightning.sweep.storage import open_storage
@@ -197,6 +241,15 @@ def run_worker(job: WorkerJob) -> int:
         sampler=sampler_of(job.spec, job.worker),
         pruner=pruner_of(job.spec),
     )
+    try:
+        return _run_trials(study, job, waiting)
+    finally:
+        stop_waiting_trial(waiting)  # no trial claimed, or an error before it ran
+
+
+def _run_trials(study: Any, job: WorkerJob, waiting: subprocess.Popen[str] | None) -> int:
+    import optuna
+
     ran = 0
     while (trial := _claim(study, job)) is not None:
         start = time.perf_counter()
@@ -215,7 +268,8 @@ def run_worker(job: WorkerJob) -> int:
                     "prune_monitor": job.prune_monitor,
                     "pruner": job.spec.raw.get("pruner"),  # the trial's process decides, with this pruner
                 }
-            result = train(run_args(job, values, run_dir), run_dir, pruning)
+            result = train(run_args(job, values, run_dir), run_dir, pruning, waiting)
+            waiting = None
         except BaseException:
             trial.set_user_attr(ERROR, "interrupted")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)

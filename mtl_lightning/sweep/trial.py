@@ -14,6 +14,7 @@ validation epoch's ``val/...`` values among them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -75,10 +76,37 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _wait_for_spec() -> str | None:
+    """``--wait``: import what a run needs, then read its spec's path from stdin (an empty line: nothing to run).
+
+    The sweep starts its first trial's process this way before it checks the sweep file, so the seconds of importing
+    Lightning here overlap with the sweep's own. The run's output goes to ``output.log`` beside the spec, and
+    ``sys.argv`` becomes the plain form, which Lightning's DDP launcher re-runs for the other ranks.
+    """
+    import mtl_lightning.bench.resolve  # noqa: F401 - Lightning, the CLI and the core: the imports worth doing early
+
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    log = os.open(Path(line).parent / "output.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.argv[1:] = [line]
+    return line
+
+
 def main(argv: list[str]) -> int:
     from mtl_lightning.allocator import keep_freed_memory
 
     keep_freed_memory()  # as `mtl fit` does
+    if argv and argv[0] == "--wait":
+        path = _wait_for_spec()
+        if path is None:
+            return 0
+        argv = [path]
     spec = json.loads(Path(argv[0]).read_text())
     result = run_trial(spec)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
