@@ -284,3 +284,40 @@ def test_keep_going_records_the_other_runs_and_fails_at_the_end(
     assert {r["run"] for r in _csv_runs(out / "results.csv")} == {"single_task/purchase", "equal"}
     table = (out / "results.md").read_text()
     assert "| equal | 1 | 0.6000 | 0.6000 | — |" in table  # no Δm% without every baseline
+
+
+# ------------------------------------------------------------------------------------------ intervals and tests
+def test_interval_and_welch_test_against_textbook_values() -> None:
+    from mtl_lightning.bench.stats import mean_interval, welch_p
+
+    low, high = mean_interval([1.0, 2.0, 3.0])  # mean 2, s 1, t(0.975, 2) = 4.3027
+    assert (low, high) == pytest.approx((2 - 4.3027 / math.sqrt(3), 2 + 4.3027 / math.sqrt(3)), abs=1e-4)
+    # t = -3.674 with 4 degrees of freedom (equal spreads), two-sided p = 0.0213.
+    assert welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=1e-4)
+    # Unequal spreads: t = -2.067 with Welch-Satterthwaite's 3.37 degrees of freedom (p = 0.1205), not the pooled
+    # test's 6 (Student's p = 0.0843).
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 6.0, 10.0, 14.0]
+    assert welch_p(a, b) == pytest.approx(0.1205, abs=1e-3)
+    assert welch_p([1.0], [2.0, 3.0]) is None and mean_interval([1.0]) is None
+    assert welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0 and welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0
+
+
+def test_the_table_tests_each_variant_against_equal_weighting_and_single_task() -> None:
+    primaries = {"a": Primary("a", "test/a/acc", True)}
+    rows = [
+        *_rows(SINGLE_TASK, "single_task/a", "a", "test/a/acc", {0: 0.80, 1: 0.82, 2: 0.78}),
+        *_rows("ew", "ew", "a", "test/a/acc", {0: 0.81, 1: 0.80, 2: 0.82}),
+        *_rows("pcgrad", "pcgrad", "a", "test/a/acc", {0: 0.90, 1: 0.91, 2: 0.89}),
+    ]
+    lines = summarise(rows, primaries, ["ew", "pcgrad"])
+    table = markdown(lines, primaries)
+    assert "| variant | seeds | a acc ↑ | Δm% ↓ | Δm% 95% CI | p vs EW | p vs STL | time/seed (s) |" in table
+    from mtl_lightning.bench.stats import welch_p
+
+    by = {line.variant: line for line in lines}
+    p_ew = welch_p(by["pcgrad"].deltas, by["ew"].deltas)
+    assert p_ew is not None and p_ew < 0.01  # 11 points better on every seed
+    row = next(r for r in table.splitlines() if r.startswith("| pcgrad "))
+    assert f"| {p_ew:.3f} |" in row
+    ew_row = next(r for r in table.splitlines() if r.startswith("| ew "))
+    assert ew_row.split(" | ")[5] == "—"  # equal weighting is not tested against itself

@@ -71,6 +71,7 @@ class Line:
     metrics: dict[str, Stat | None]
     delta: Stat | None
     time_s: Stat | None
+    deltas: tuple[float, ...] = ()  # Δm% of each seed, for the interval and the tests
 
 
 def summarise(rows: Iterable[Row], primaries: Mapping[str, Primary], variants: Sequence[str]) -> list[Line]:
@@ -90,23 +91,47 @@ def summarise(rows: Iterable[Row], primaries: Mapping[str, Primary], variants: S
         per_task = values.get(variant, {})
         seeds = sorted(set.intersection(*(set(per_task.get(t, {})) for t in tasks)))  # seeds with every task
         metrics = {t: Stat.of(list(per_task[t].values())) if per_task.get(t) else None for t in tasks}
-        delta = None
+        deltas: list[float] = []
         if seeds and len(single) == len(tasks):
-            delta = Stat.of([delta_m({t: per_task[t][s] for t in tasks}, single, directions) for s in seeds])
+            deltas = [delta_m({t: per_task[t][s] for t in tasks}, single, directions) for s in seeds]
         # A baseline seed costs its T runs together; a variant seed, its one run.
         seed_times = [sum(times[variant][s].values()) for s in seeds]
-        lines.append(Line(variant, len(seeds), metrics, delta, Stat.of(seed_times) if seed_times else None))
+        time_s = Stat.of(seed_times) if seed_times else None
+        lines.append(Line(variant, len(seeds), metrics, Stat.of(deltas) if deltas else None, time_s, tuple(deltas)))
     return lines
 
 
+def reference_variant(variants: Sequence[str]) -> str | None:
+    """The equal-weighting variant the others are tested against: one named ``equal``, ``ew`` or ``equal_weighting``."""
+    return next((v for v in variants if v.lower() in ("equal", "ew", "equal_weighting")), None)
+
+
 def markdown(lines: Sequence[Line], primaries: Mapping[str, Primary]) -> str:
-    """The summary as a Markdown table (also what the command prints)."""
-    header = ["variant", "seeds", *(p.label for p in primaries.values()), "Δm% ↓", "time/seed (s)"]
+    """The summary as a Markdown table (also what the command prints).
+
+    Beside each Δm% (mean ± sample std over seeds): its 95 % t-interval, and the p-values of Welch's t-test of its
+    per-seed Δm% against equal weighting's (:func:`reference_variant`) and against the single-task row's
+    (:mod:`mtl_lightning.bench.stats`). "—" where a side has fewer than two seeds.
+    """
+    from mtl_lightning.bench.stats import mean_interval, welch_p
+
+    by_name = {line.variant: line for line in lines}
+    reference = by_name.get(reference_variant([line.variant for line in lines]) or "")
+    header = ["variant", "seeds", *(p.label for p in primaries.values()), "Δm% ↓", "Δm% 95% CI"]
+    header += ["p vs EW", "p vs STL", "time/seed (s)"]
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+
+    def p_text(line: Line, other: Line | None) -> str:
+        p = welch_p(line.deltas, other.deltas) if other is not None and other is not line else None
+        return "—" if p is None else f"{p:.3f}"
+
     for line in lines:
         cells = [line.variant, str(line.seeds)]
         cells += [m.text(4) if m else "—" for m in line.metrics.values()]
         cells.append(line.delta.text(2, sign=True) if line.delta else "—")
+        interval = mean_interval(line.deltas)
+        cells.append(f"[{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "—")
+        cells += [p_text(line, reference), p_text(line, by_name.get(SINGLE_TASK))]
         cells.append(f"{line.time_s.mean:.1f}" if line.time_s else "—")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
