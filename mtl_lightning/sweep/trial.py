@@ -26,7 +26,7 @@ from mtl_lightning.errors import find_config_error
 
 def _pruning_callback(spec: dict[str, Any]) -> Any:
     import optuna
-    from optuna_integration import PyTorchLightningPruningCallback  # type: ignore[import-untyped]
+    from optuna_integration import PyTorchLightningPruningCallback
 
     from mtl_lightning.sweep.runner import make_pruner
     from mtl_lightning.sweep.storage import open_storage
