@@ -321,3 +321,79 @@ def test_the_table_tests_each_variant_against_equal_weighting_and_single_task() 
     assert f"| {p_ew:.3f} |" in row
     ew_row = next(r for r in table.splitlines() if r.startswith("| ew "))
     assert ew_row.split(" | ")[5] == "—"  # equal weighting is not tested against itself
+
+
+# ------------------------------------------------------------------------------------------ tuned protocol
+LR = "model.init_args.optimizer.init_args.lr"
+
+
+def test_every_job_gets_the_same_tuning_budget_and_its_best_config(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("optuna")
+    from mtl_lightning.bench.plan import Job, Plan
+    from mtl_lightning.bench.tuning import tune_plan
+    from mtl_lightning.sweep import runner
+
+    calls: list[tuple[str, ...]] = []
+
+    def fake_train(args: list[str], run_dir: Path, study=None, waiting=None) -> dict:
+        # Validation metrics peak at lr = 10^-2.5 (task a) and 10^-3 (task b); the test split is never asked for.
+        lr = float(next(a for a in args if a.startswith(f"--{LR}=")).split("=", 1)[1])
+        calls.append(tuple(args))
+        x = math.log10(lr)
+        return {"state": "complete", "metrics": {"val/a/acc": 1 - abs(x + 2.5) / 10, "val/b/mae": 0.1 + abs(x + 3)}}
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    plan = Plan(
+        jobs=[
+            Job("single_task/a", SINGLE_TASK, ("a",), ("--config", "a.yaml")),
+            Job("single_task/b", SINGLE_TASK, ("b",), ("--config", "b.yaml")),
+            Job("ew", "ew", ("a", "b"), ("--config", "ab.yaml")),
+        ],
+        primaries={"a": Primary("a", "test/a/acc", True), "b": Primary("b", "test/b/mae", False)},
+    )
+    tune = {"trials": 6, "seed": 7, "space": {LR: {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
+    tuned = tune_plan(plan, tune, tmp_path)
+    assert len(calls) == 18  # 6 trials for each of the 3 jobs
+    assert all("--seed_everything" in c and c[c.index("--seed_everything") + 1] == "7" for c in calls)
+    import optuna
+
+    from mtl_lightning.sweep.storage import open_storage
+
+    for job, new in zip(plan.jobs, tuned.jobs, strict=True):
+        study = optuna.load_study(
+            study_name=job.run, storage=open_storage(str(tmp_path / "tune" / job.run / "study.journal"))
+        )
+        assert len(study.trials) == 6
+        best_lr = study.best_trial.user_attrs[runner.VALUES][LR]
+        assert new.args == (*job.args, f"--{LR}={best_lr}")  # the best configuration, appended
+    ew = optuna.load_study(study_name="ew", storage=open_storage(str(tmp_path / "tune" / "ew" / "study.journal")))
+    # The multi-task job's objective is Δm% on validation against the tuned baselines' best values.
+    assert ew.directions[0].name == "MINIMIZE"
+    ref = {
+        "a": optuna.load_study(
+            study_name="single_task/a", storage=open_storage(str(tmp_path / "tune/single_task/a/study.journal"))
+        ).best_value,
+        "b": optuna.load_study(
+            study_name="single_task/b", storage=open_storage(str(tmp_path / "tune/single_task/b/study.journal"))
+        ).best_value,
+    }
+    trial = ew.trials[0]
+    m = trial.user_attrs[runner.METRICS]
+    expected = 100 / 2 * (-(m["val/a/acc"] - ref["a"]) / ref["a"] + (m["val/b/mae"] - ref["b"]) / ref["b"])
+    assert trial.values[0] == pytest.approx(expected)
+    # Resumed: the studies are complete, nothing is trained again.
+    tune_plan(plan, tune, tmp_path)
+    assert len(calls) == 18
+
+
+def test_a_tune_section_is_checked(tmp_path: Path) -> None:
+    path = _write_suite(
+        tmp_path, "config: configs/quickstart.yaml\nvariants: {ew: []}\ntune: {trials: 0, space: {a: 1}}\n"
+    )
+    with pytest.raises(SuiteError, match="tune.trials must be a whole number >= 1"):
+        load_suite(path)
+    path = _write_suite(
+        tmp_path, "config: configs/quickstart.yaml\nvariants: {ew: []}\ntune: {trials: 2, spaces: {}}\n"
+    )
+    with pytest.raises(SuiteError, match=r"unknown key\(s\) \['spaces'\]"):
+        load_suite(path)

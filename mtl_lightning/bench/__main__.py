@@ -103,10 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = suite.pick_seeds(opts.seeds)
     out = opts.out if opts.out is not None else Path("runs") / "bench" / suite.name
     csv_path, md_path = out / "results.csv", out / "results.md"
-    runs = plan.runs(seeds, out, opts.only, load_logger(opts.logger))
     if opts.dry_run:
-        print("\n".join(_command(r) for r in runs))
+        if suite.tune:
+            print(f"# each job is tuned first: {suite.tune['trials']} sweep trials over {list(suite.tune['space'])}")
+        print("\n".join(_command(r) for r in plan.runs(seeds, out, opts.only, load_logger(opts.logger))))
         return 0
+    if suite.tune:
+        from mtl_lightning.bench.tuning import tune_plan
+
+        plan = tune_plan(plan, suite.tune, out, opts.only)
+    runs = plan.runs(seeds, out, opts.only, load_logger(opts.logger))
     if opts.overwrite:
         csv_path.unlink(missing_ok=True)
     existing = read_rows(csv_path)
@@ -137,7 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tested = ", ".join(sorted({r.checkpoint for r in rows})) or "none yet"
     note = (
         f"Suite `{suite.name}`, seeds {seeds}; checkpoint tested: {tested}. Test metrics as mean ± sample std over "
-        "seeds; Δm% of each seed against the single-task means, lower is better, negative = better than single-task.\n"
+        "seeds; Δm% of each seed against the single-task means, lower is better, negative = better than single-task; "
+        "its 95% t-interval, and Welch's t-test p-values of its per-seed Δm% against equal weighting and single-task."
+        + (
+            f" Tuned protocol: every job got {suite.tune['trials']} sweep trials over {list(suite.tune['space'])} on "
+            "the validation split; its best configuration ran the seeds."
+            if suite.tune
+            else ""
+        )
+        + "\n"
         f"Command: `{command}`"
     )
     md_path.parent.mkdir(parents=True, exist_ok=True)

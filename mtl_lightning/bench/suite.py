@@ -18,6 +18,9 @@ A suite (``configs/bench/*.yaml``)::
     variants:                             # the multi-task runs: name -> arguments, or {config: ..., args: [...]}
       equal: [--model.balancer, configs/balancer/equal.yaml]
       mmoe: {config: configs/experiment/census_mmoe.yaml}   # a variant's `config` replaces the base config
+    tune:                                 # optional: the equal-budget tuned protocol (mtl_lightning/bench/tuning.py)
+      trials: 8                           # sweep trials per variant, single-task baselines included
+      space: {model.init_args.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
 
 How a baseline trains one task (``single_task.restrict``):
 
@@ -54,7 +57,8 @@ SINGLE_TASK = "single_task"
 RESTRICT_MODES = ("schedule", "data", "none")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # variant names become folder names
-_SUITE_KEYS = {"name", "config", "args", "seeds", "tasks", "single_task", "variants"}
+_SUITE_KEYS = {"name", "config", "args", "seeds", "tasks", "single_task", "variants", "tune"}
+_TUNE_KEYS = {"trials", "space", "seed", "sampler"}
 _SINGLE_TASK_KEYS = {"restrict", "config", "args", "tasks"}
 _RUN_KEYS = {"config", "args"}
 _TASK_KEYS = {"metric", "higher_is_better"}
@@ -94,6 +98,7 @@ class Suite:
     single_task: RunConfig
     single_task_runs: dict[str, RunConfig]
     variants: dict[str, RunConfig]
+    tune: dict[str, Any] | None = None  # the tuned protocol (mtl_lightning/bench/tuning.py); None: configs as given
 
     def baseline(self, task: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(configs, arguments before the restriction, arguments after it) of the baseline of ``task``."""
@@ -171,7 +176,25 @@ def load_suite(path: str | Path) -> Suite:
             str(t): _run_config(v, folder, f"{where}, single_task.tasks.{t}") for t, v in per_task.items()
         },
         variants={str(n): _run_config(v, folder, f"{where}, variants.{n}") for n, v in variants.items()},
+        tune=_tune(raw.get("tune"), where),
     )
+
+
+def _tune(raw: Any, where: str) -> dict[str, Any] | None:
+    """The ``tune`` section: ``trials`` (>= 1) per variant, a sweep ``space``, optional ``seed`` and ``sampler``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SuiteError(f"{where}: tune must be a mapping with keys {sorted(_TUNE_KEYS)}")
+    _check_keys(raw, _TUNE_KEYS, f"{where}, tune")
+    trials = raw.get("trials")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise SuiteError(f"{where}: tune.trials must be a whole number >= 1 (trials per variant), got {trials!r}")
+    if not isinstance(raw.get("space"), Mapping) or not raw["space"]:
+        raise SuiteError(
+            f"{where}: tune.space must map config keys to ranges (see configs/sweep/), got {raw.get('space')!r}"
+        )
+    return dict(raw)
 
 
 def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
