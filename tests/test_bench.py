@@ -390,7 +390,7 @@ def test_a_tune_section_is_checked(tmp_path: Path) -> None:
     path = _write_suite(
         tmp_path, "config: configs/quickstart.yaml\nvariants: {ew: []}\ntune: {trials: 0, space: {a: 1}}\n"
     )
-    with pytest.raises(SuiteError, match="tune.trials must be a whole number >= 1"):
+    with pytest.raises(SuiteError, match=r"tune\.trials must be a whole number >= 1"):
         load_suite(path)
     path = _write_suite(
         tmp_path, "config: configs/quickstart.yaml\nvariants: {ew: []}\ntune: {trials: 2, spaces: {}}\n"

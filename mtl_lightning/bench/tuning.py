@@ -76,7 +76,7 @@ def tune_plan(plan: Plan, tune: Mapping[str, Any], out: Path, only: list[str] | 
     order = sorted(plan.jobs, key=lambda j: j.variant != SINGLE_TASK)  # baselines first: their values are Δm%'s base
     tuned: dict[str, Job] = {}
     for job in order:
-        if only and job.variant not in only and not (job.variant == SINGLE_TASK):
+        if only and job.variant not in only and job.variant != SINGLE_TASK:
             continue
         print(f"mtl-bench: tuning {job.run} ({tune['trials']} trials)", flush=True)
         study = tune_job(job, plan, tune, out, reference)

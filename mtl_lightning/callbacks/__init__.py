@@ -6,6 +6,7 @@ from mtl_lightning.callbacks.finetuning import EncoderFinetuning
 from mtl_lightning.callbacks.metrics_table import MetricsTable, task_table
 from mtl_lightning.callbacks.prediction_writer import PredictionWriter
 from mtl_lightning.callbacks.resume_state import RandomStateCheckpoint
+from mtl_lightning.callbacks.task_affinity import TaskAffinity
 from mtl_lightning.callbacks.task_schedule import TaskSchedule
 from mtl_lightning.callbacks.throughput import ThroughputTimer
 from mtl_lightning.callbacks.weight_averaging import EMAWeightAveraging, SWAWeightAveraging
@@ -19,6 +20,7 @@ __all__ = [
     "PredictionWriter",
     "RandomStateCheckpoint",
     "SWAWeightAveraging",
+    "TaskAffinity",
     "TaskSchedule",
     "ThroughputTimer",
     "task_table",

@@ -9,12 +9,17 @@ written once as a text entry next to the images. Rendered with torch alone (no m
 
 The images go to TensorBoard (``add_image``), MLflow (``log_image``, under the run's images) and W&B (``log_image``,
 the task order as the caption); loggers without images (CSV) are skipped (:func:`mtl_lightning.trackers.log_image`).
+The drawing and writing (:func:`signed_heatmap`, :func:`write_heatmap`) are shared with
+:class:`~mtl_lightning.callbacks.TaskAffinity`, whose affinity matrices are drawn the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from mtl_lightning import trackers
@@ -23,14 +28,43 @@ from mtl_lightning.contracts import HasGradientTelemetry
 TAG = "train/balance/cosine_heatmap"
 
 
-def cosine_heatmap(cosine: Tensor, cell: int = 24) -> Tensor:
-    """``(T*cell, T*cell, 3)`` uint8 image of a cosine matrix: blue (-1), white (0), red (+1)."""
-    c = torch.nan_to_num(cosine.detach().float().cpu()).clamp(-1.0, 1.0)
+def signed_heatmap(matrix: Tensor, limit: float = 1.0, cell: int = 24) -> Tensor:
+    """``(T*cell, T*cell, 3)`` uint8 image of a matrix of signed values: blue (-limit), white (0), red (+limit).
+
+    Values beyond ``±limit`` are clamped and NaN (not measured) is drawn white; ``limit`` must be > 0.
+    """
+    if not limit > 0:
+        raise ValueError(f"limit must be > 0, got {limit}")
+    c = (torch.nan_to_num(matrix.detach().float().cpu()) / limit).clamp(-1.0, 1.0)
     neg, pos = (-c).clamp_min(0), c.clamp_min(0)
     # white fades to red as c -> +1 (green and blue drop) and to blue as c -> -1 (red and green drop)
     rgb = torch.stack([1 - neg, 1 - neg - pos, 1 - pos], dim=-1)
     rgb = rgb.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
     return (rgb * 255).round().to(torch.uint8)
+
+
+def cosine_heatmap(cosine: Tensor, cell: int = 24) -> Tensor:
+    """``(T*cell, T*cell, 3)`` uint8 image of a cosine matrix: blue (-1), white (0), red (+1)."""
+    return signed_heatmap(cosine, 1.0, cell)
+
+
+def task_order(names: Sequence[str]) -> str | None:
+    """The caption that says which task each row and column is (None without names)."""
+    return "rows and columns, top to bottom: " + ", ".join(names) if names else None
+
+
+def write_heatmap(
+    loggers: Iterable[Logger], tag: str, image: Tensor, step: int, caption: str | None, with_text: bool
+) -> bool:
+    """Add ``image`` to every logger that takes images; with ``with_text``, ``caption`` as a text entry next to it.
+
+    True when at least one logger took the image (loggers without images, such as CSV, are skipped).
+    """
+    written = [lg for lg in loggers if trackers.log_image(lg, tag, image, step, caption=caption)]
+    if written and with_text and caption:
+        for logger in written:
+            trackers.log_text(logger, f"{tag}/tasks", caption, step)
+    return bool(written)
 
 
 class GradientConflictHeatmap(Callback):
@@ -70,13 +104,8 @@ class GradientConflictHeatmap(Callback):
         if not trainer.loggers:
             return
         image = cosine_heatmap(cosine, self.cell)
-        names = list(balancer.task_names)
-        order = "rows and columns, top to bottom: " + ", ".join(names) if names else None
-        written = [lg for lg in trainer.loggers if trackers.log_image(lg, TAG, image, step, caption=order)]
-        if not written:
+        order = task_order(list(balancer.task_names))
+        if not write_heatmap(trainer.loggers, TAG, image, step, order, with_text=not self._names_written):
             return
-        if not self._names_written and order:
-            for logger in written:
-                trackers.log_text(logger, f"{TAG}/tasks", order, step)
         self._names_written = True
         self._last_step, self._last_matrix = step, cosine
