@@ -22,7 +22,7 @@ protocol                              read by
 :class:`HasClassNames`                ``callbacks.PredictionWriter`` (``<task>_label`` column)
 :class:`HasInputSchema`               ``callbacks.InputSchemaCheckpoint`` (what ``mtl serve`` encodes records with)
 :class:`BatchPartsSampler`            ``callbacks.PredictionWriter`` (``task`` and ``id`` of per-task batches)
-:class:`HasGradientTelemetry`         ``callbacks.GradientConflictHeatmap``
+:class:`HasGradientTelemetry`         ``callbacks.GradientConflictHeatmap``, ``callbacks.TaskAffinity``
 :class:`HasGradientMode`              ``callbacks.EncoderFinetuning`` (refuses to freeze under parameter mode)
 ====================================  ==========================================================================
 

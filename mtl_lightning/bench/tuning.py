@@ -55,7 +55,7 @@ def tune_job(job: Job, plan: Plan, tune: Mapping[str, Any], out: Path, reference
     study = optuna.create_study(
         study_name=job.run,
         storage=open_storage(storage),
-        direction=spec.directions[0],
+        direction=spec.directions[0],  # type: ignore[arg-type]  # checked: minimize | maximize
         load_if_exists=True,
     )
     left = int(tune["trials"]) - len([t for t in study.trials if t.state.is_finished()])
