@@ -188,6 +188,12 @@ def test_every_shipped_suite_loads_and_plans(path: Path) -> None:
     suite = load_suite(path)
     plan = make_plan(suite)
     assert [j.variant for j in plan.jobs] == [SINGLE_TASK] * len(plan.primaries) + list(suite.variants)
+    if suite.tune:  # every tuned key exists in every job's config (what tune_plan checks before its first trial)
+        from mtl_lightning.bench.resolve import parse_config
+        from mtl_lightning.sweep.spec import check_keys
+
+        for job in plan.jobs:
+            check_keys(parse_config(job.args, job.run), list(suite.tune["space"]), job.run)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

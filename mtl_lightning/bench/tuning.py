@@ -71,8 +71,12 @@ def tune_plan(plan: Plan, tune: Mapping[str, Any], out: Path, only: list[str] | 
     from mtl_lightning.sweep.runner import METRICS, VALUES
     from mtl_lightning.sweep.space import as_args
 
+    from mtl_lightning.bench.resolve import parse_config
+    from mtl_lightning.sweep.spec import check_keys
+
+    for job in plan.jobs:  # a key a job's config lacks fails now, with the nearest keys, not in every trial
+        check_keys(parse_config(job.args, f"tuning {job.run!r}"), list(tune["space"]), f"tune.space of {job.run!r}")
     reference: dict[str, float] = {}
-    jobs: list[Job] = []
     order = sorted(plan.jobs, key=lambda j: j.variant != SINGLE_TASK)  # baselines first: their values are Δm%'s base
     tuned: dict[str, Job] = {}
     for job in order:
