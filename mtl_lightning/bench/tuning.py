@@ -68,10 +68,9 @@ def tune_job(job: Job, plan: Plan, tune: Mapping[str, Any], out: Path, reference
 
 def tune_plan(plan: Plan, tune: Mapping[str, Any], out: Path, only: list[str] | None = None) -> Plan:
     """The plan with each job's best configuration appended to its arguments (baselines tuned first)."""
+    from mtl_lightning.bench.resolve import parse_config
     from mtl_lightning.sweep.runner import METRICS, VALUES
     from mtl_lightning.sweep.space import as_args
-
-    from mtl_lightning.bench.resolve import parse_config
     from mtl_lightning.sweep.spec import check_keys
 
     for job in plan.jobs:  # a key a job's config lacks fails now, with the nearest keys, not in every trial
