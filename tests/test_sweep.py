@@ -338,3 +338,22 @@ def test_every_shipped_sweep_file_checks_against_the_quickstart(path: Path) -> N
     own, rest = sweep_cli.parse_args(["--config", str(REPO / "configs" / "quickstart.yaml"), "--sweep", str(path)])
     spec, _ = sweep_cli.prepare(own, rest)
     assert spec.objectives and spec.params
+
+
+def test_a_study_is_continued_by_the_same_sweep_and_refused_to_another(tmp_path: Path) -> None:
+    import argparse
+
+    own = argparse.Namespace(storage=None, study_name=None)
+    base = ["--config", "q.yaml"]
+    sweep_cli.open_study(own, spec_of(compare={"pcgrad": {"a": 1}}), base, tmp_path)
+    # The sampler and the compare runs may change; the study goes on.
+    sampler = {"class_path": "optuna.samplers.RandomSampler"}
+    _, _, name = sweep_cli.open_study(own, spec_of(sampler=sampler), base, tmp_path)
+    assert (
+        name == tmp_path.name
+        and len(optuna.get_all_study_summaries(open_storage(str(tmp_path / "study.journal")))) == 1
+    )
+    with pytest.raises(ConfigError, match=r"started by another sweep; differences: objectives"):
+        sweep_cli.open_study(own, spec_of(objectives=["val/purchase/auroc"]), base, tmp_path)
+    with pytest.raises(ConfigError, match=r"differences: trial_args"):
+        sweep_cli.open_study(own, spec_of(), [*base, "--trainer.max_epochs", "3"], tmp_path)

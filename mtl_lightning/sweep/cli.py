@@ -29,6 +29,9 @@ from mtl_lightning.sweep.spec import SweepSpec, build_spec, check_keys, load_swe
 from mtl_lightning.sweep.storage import default_storage, open_storage, redact
 
 SIGNATURE = "mtl_sweep.signature"  # study user attr: what the study was started with (the sweep file and args)
+# Sections that may change between commands on one study: its name, the sampler (Optuna allows a new one for the
+# trials to come) and the compare runs (drawn beside the trials, never part of them).
+UNSIGNED = ("study_name", "sampler", "compare")
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -93,7 +96,8 @@ def open_study(own: argparse.Namespace, spec: SweepSpec, base: list[str], direct
     name = own.study_name or spec.raw.get("study_name") or directory.name
     storage = open_storage(url)
     signature = json.loads(json.dumps({**spec.raw, "trial_args": base}, default=str))
-    signature.pop("study_name", None)
+    for free in UNSIGNED:
+        signature.pop(free, None)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if name in existing:
         old = existing[name].user_attrs.get(SIGNATURE)
