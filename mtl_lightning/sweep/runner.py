@@ -133,7 +133,8 @@ def train(
         raise
     if result_path.is_file():
         return dict(json.loads(result_path.read_text()))
-    tail = log.read_text(errors="replace").strip().splitlines()[-ERROR_LINES:]
+    output = log.read_text(errors="replace") if log.is_file() else ""  # a waiting process opens it itself
+    tail = output.strip().splitlines()[-ERROR_LINES:]
     return {
         "state": "failed",
         "metrics": {},
