@@ -18,6 +18,7 @@ from mtl_lightning.bench.resolve import Primary, _tasks_of_data_module, logged_t
 from mtl_lightning.bench.results import Row
 from mtl_lightning.bench.runner import RunResult
 from mtl_lightning.bench.suite import SINGLE_TASK, SuiteError, TaskChoice, load_suite
+from mtl_lightning.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------- Δm% math
 
@@ -351,13 +352,22 @@ def test_every_job_gets_the_same_tuning_budget_and_its_best_config(tmp_path: Pat
     monkeypatch.setattr(runner, "train", fake_train)
     plan = Plan(
         jobs=[
-            Job("single_task/a", SINGLE_TASK, ("a",), ("--config", "a.yaml")),
-            Job("single_task/b", SINGLE_TASK, ("b",), ("--config", "b.yaml")),
-            Job("ew", "ew", ("a", "b"), ("--config", "ab.yaml")),
+            # Real config files: tune_plan checks the tuned key in each job's config before its first trial.
+            Job("single_task/a", SINGLE_TASK, ("a",), ("--config", str(CONFIGS / "quickstart.yaml"))),
+            Job(
+                "single_task/b",
+                SINGLE_TASK,
+                ("b",),
+                ("--config", str(CONFIGS / "quickstart.yaml")),
+            ),
+            Job("ew", "ew", ("a", "b"), ("--config", str(CONFIGS / "quickstart.yaml"))),
         ],
         primaries={"a": Primary("a", "test/a/acc", True), "b": Primary("b", "test/b/mae", False)},
     )
     tune = {"trials": 6, "seed": 7, "space": {LR: {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
+    with pytest.raises(ConfigError, match=r"tune\.space of 'single_task/a'.*did you mean"):
+        tune_plan(plan, {**tune, "space": {LR + "x": tune["space"][LR]}}, tmp_path)
+    assert calls == []
     tuned = tune_plan(plan, tune, tmp_path)
     assert len(calls) == 18  # 6 trials for each of the 3 jobs
     assert all("--seed_everything" in c and c[c.index("--seed_everything") + 1] == "7" for c in calls)
