@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup  ## train the default multi-task model on built-in data (about a minute on 2 CPU cores)
 	$(BIN)/mtl fit --config configs/quickstart.yaml
 
-test: setup  ## the default test suite, slow/integration/GPU tests deselected (about 11 minutes on 2 CPU cores)
+test: setup  ## the default test suite, slow/integration/GPU tests deselected (about 15 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest
 
 test-all: setup  ## every test but the GPU ones: the default, slow and integration tests (about 32 minutes)
