@@ -31,7 +31,7 @@ quickstart: setup  ## train the default multi-task model on built-in data (about
 test: setup  ## the default test suite, slow/integration/GPU tests deselected (about 15 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest
 
-test-all: setup  ## every test but the GPU ones: the default, slow and integration tests (about 32 minutes)
+test-all: setup  ## every test but the GPU ones: the default, slow and integration tests (about 56 minutes)
 	$(BIN)/python -m pytest -m "not gpu"
 
 lint: setup
